@@ -129,6 +129,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def hook_points(self) -> list[str]: ...
 
+    def named_hooks(self) -> dict[str, str]:
+        """Named hook points the method presets refer to: 'mid' (the default hook of
+        Diffusion-CAM) and 'mid_norm2' (the post-attention norm LLaVA-CAM hooks)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def hook_stream(self, hook: str) -> str:
         """Which hidden stream a hook point lives in ("lm", "encoder", "decoder")."""

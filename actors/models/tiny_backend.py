@@ -35,10 +35,11 @@ class TinyBackend(Backend):
         self._categories = {w: "colour" for w in scenes.COLOURS} | {w: "shape" for w in scenes.SHAPES}
 
     @classmethod
-    def load(cls, source: str | None = None, **kwargs) -> "TinyBackend":
-        from actors.models.loading import resolve_checkpoint
+    def load(cls, source: str | None = None, trust_remote_code: bool = False, **kwargs) -> "TinyBackend":
+        from actors.models.loading import check_remote_code, resolve_checkpoint
 
         local = resolve_checkpoint(source) if source else SHIPPED_WEIGHTS
+        check_remote_code(local, trust_remote_code)
         model = TinyDMLLM.from_pretrained(local)
         return cls(model, WordTokenizer.from_pretrained(local), **kwargs)
 
@@ -87,7 +88,7 @@ class TinyBackend(Backend):
         pixels = normalise_pixels(torch.from_numpy(np.stack(pix))) if pix else torch.zeros(0, 3, c.image_size, c.image_size)
         span = ImageSpan(stream="lm", start=self.model.image_start, rows=c.grid, cols=c.grid)
         batch = PreparedBatch(
-            inputs={"pixel_values": pixels.to(self.device), "prompt_ids": prompt_ids.to(self.device)},
+            inputs={"pixel_values": pixels.to(self.device, self.model.dtype), "prompt_ids": prompt_ids.to(self.device)},
             spans=[span] * len(keep), prompts=[prompts[i] for i in keep], given_ids=[r for _, r in enc],
             image_sizes=[tuple(images[i].shape[:2]) for i in keep], source_index=keep)
         return batch, errors
@@ -116,6 +117,10 @@ class TinyBackend(Backend):
         for i in range(self.model.config.n_layers):
             pts += [f"blocks.{i}.{p}" for p in ("in", "out", "ln1", "ln2", "attn", "mlp")]
         return pts
+
+    def named_hooks(self):
+        mid = max(0, self.model.config.n_layers // 2 - 1)  # output of the middle block
+        return {"mid": f"blocks.{mid}.out", "mid_norm2": f"blocks.{mid}.ln2"}
 
     def hook_stream(self, hook):
         if hook not in self.hook_points():

@@ -1,0 +1,176 @@
+"""The audit job: shards -> read (CPU tasks) -> decode + validate (CPU tasks) -> ProbeActor (one
+model replica per actor, GPU when configured) -> refine + score + write (CPU tasks) -> Parquet.
+
+One streaming execution over every pending shard (an execution builds an actor pool and loads
+the model once). The driver only sees tiny per-batch summaries: it reports progress and compacts
+each shard as soon as all its rows are written. Resume and exactly-once: pipeline/manifest.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from pipeline.config import config_hash, to_dict
+from pipeline.manifest import SUCCESS, RunDir, compact, load_or_create_manifest, parts_of, reconcile
+from pipeline.sources import list_shards
+
+
+class JobIncompleteError(RuntimeError):
+    """Shards are still pending after the execution (their rows were not all written)."""
+
+
+# -- stage functions (module level: shipped to Ray tasks by reference) -------------------------
+def read_rows(item: dict, storage_options: dict, source: dict):
+    """One shard -> its raw rows. A shard that fails mid-read still yields one error row for each
+    of its remaining rows (ids derived from the shard), so input and output counts always match."""
+    from pipeline.sources import ShardSpec, read_shard
+    from pipeline.storage import describe_error, secrets_of
+
+    spec = ShardSpec(item["url"], item["format"], item["shard_key"])
+    n = 0
+    try:
+        for row in read_shard(spec, storage_options, source):
+            n += 1
+            yield row
+    except Exception as e:  # noqa: BLE001 - recorded on every remaining row, never swallowed
+        reason = f"shard read failed after {n} rows: {describe_error(e, secrets_of(storage_options))}"
+        for k in range(n, int(item["rows"])):
+            yield dict(id=f"{spec.shard_key}-{k}", shard=spec.url, row_index=k, image=None, image_uri=None,
+                       prompt=None, response=None, mask=None, objects=None, status="error", error=reason,
+                       error_kind="shard_read")
+
+
+def decode_batch(batch, cfg: dict):
+    from pipeline.decode import DecodeStage
+
+    return DecodeStage(cfg)(batch)
+
+
+def refine_score_batch(batch, methods: dict, sink_cfg: dict, cfg_hash: str):
+    from actors.score_stage import RefineScoreStage
+
+    return RefineScoreStage(methods, sink_cfg, cfg_hash)(batch)
+
+
+def write_batch(batch, run_url: str, cfg_hash: str, shard_keys: dict, storage_options: dict):
+    from pipeline.sinks import WriteStage
+
+    return WriteStage(run_url, cfg_hash, shard_keys, storage_options)(batch)
+
+
+# -- driver --------------------------------------------------------------------------------------
+def ensure_ray(d: dict) -> None:
+    """Connect to RAY_ADDRESS / ray.address when given (ray job submit), else start a local
+    cluster with explicit resources. An already initialised Ray (tests) is reused."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    r = d["ray"]
+    address = r.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR")
+        return
+    kwargs = dict(include_dashboard=False, logging_level="ERROR", object_store_memory=r.get("object_store_memory"))
+    for k in ("num_cpus", "num_gpus"):
+        if r.get(k) is not None:
+            kwargs[k] = r[k]
+    ray.init(**kwargs)
+
+
+def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from actors.probe_actor import ProbeActor
+
+    so = d.get("storage") or {}
+    bs = int(d["probe"]["batch_size"])
+    items = [dict(url=e.url, format=e.format, shard_key=e.shard_key, rows=e.rows) for e in pending]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.flat_map(read_rows, fn_kwargs=dict(storage_options=so, source=d["source"]), num_cpus=d["decode_num_cpus"])
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(cfg=d), batch_size=bs, batch_format="numpy",
+                        num_cpus=d["decode_num_cpus"])
+    a = d["actors"]
+    ds = ds.map_batches(ProbeActor, batch_size=bs, batch_format="numpy",
+                        fn_constructor_kwargs=dict(model_cfg=d["model"], methods=d["methods"], probe_cfg=d["probe"],
+                                                   testing=d.get("testing") or {}),
+                        compute=ActorPoolStrategy(min_size=int(a["pool_min"]), max_size=int(a["pool_max"])),
+                        num_gpus=a["num_gpus"], num_cpus=a["num_cpus"])
+    ds = ds.map_batches(refine_score_batch, batch_size=bs, batch_format="numpy", num_cpus=d["score_num_cpus"],
+                        fn_kwargs=dict(methods=d["methods"], sink_cfg=d["sink"], cfg_hash=cfg_hash))
+    return ds.map_batches(write_batch, batch_size=None, batch_format="numpy", num_cpus=d["score_num_cpus"],
+                          fn_kwargs=dict(run_url=run.url, cfg_hash=cfg_hash, storage_options=so,
+                                         shard_keys={e.url: e.shard_key for e in pending}))
+
+
+def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
+    """Run the streaming execution; compact shards as they complete. Returns counts."""
+    import ray
+
+    ensure_ray(d)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(d["ray"].get("progress_bars", True))
+    expected = {e.url: e.rows for e in pending}
+    entries = {e.url: e for e in pending}
+    seen = {u: 0 for u in expected}
+    counts = dict(inputs=0, ok=0, errors={})
+    total = sum(expected.values())
+    t0, last = time.perf_counter(), 0.0
+    with ThreadPoolExecutor(4) as pool:
+        futures = []
+        for batch in build_dataset(pending, run, d, cfg_hash).iter_batches(batch_size=None, batch_format="numpy"):
+            for shard, n, ok, errs in zip(batch["shard"], batch["inputs"], batch["ok"], batch["errors"]):
+                seen[shard] += int(n)
+                counts["inputs"] += int(n)
+                counts["ok"] += int(ok)
+                for k in filter(None, str(errs).split(",")):
+                    counts["errors"][k] = counts["errors"].get(k, 0) + 1
+                if seen[shard] >= expected[shard]:  # every row written: compact now
+                    e = entries[shard]
+                    futures.append(pool.submit(lambda e=e: compact(run, e, cfg_hash, parts_of(run, e, cfg_hash))))
+            now = time.perf_counter() - t0
+            if now - last > 10 or counts["inputs"] == total:
+                last = now
+                log(f"{counts['inputs']}/{total} rows ({counts['ok']} ok), {counts['inputs'] / max(now, 1e-9):.1f} rows/s")
+        for f in futures:
+            f.result()
+    counts["seconds"] = time.perf_counter() - t0
+    return counts
+
+
+def run_job(cfg, log=print) -> dict:
+    from pipeline.summary import finish_run
+
+    d = to_dict(cfg)
+    h = config_hash(cfg)
+    so = d.get("storage") or {}
+    run = RunDir(d["output"], so)
+    input_url = d["input"] or synthesise_default(run, d, log)
+    shards = list_shards(input_url, d["format"], so)
+    entries = load_or_create_manifest(run, h, input_url, shards, d["source"], log)
+    complete, pending = reconcile(run, entries, h, log)
+    log(f"run {run.url} (config {h}): {len(entries)} shards, {len(complete)} already complete, {len(pending)} to process")
+    counts = execute(pending, run, d, h, log) if pending else dict(inputs=0, ok=0, errors={}, seconds=0.0)
+    complete, still = reconcile(run, entries, h, log)
+    if still:
+        raise JobIncompleteError(f"{len(still)} shards still incomplete after the run: {[e.url for e in still][:5]}")
+    run.write_text(SUCCESS, json.dumps(dict(config_hash=h, shards=len(entries))))
+    return finish_run(run, d, h, counts, log)
+
+
+def synthesise_default(run: RunDir, d: dict, log) -> str:
+    """The no-argument run: a fresh held-out corpus written once into <output>/input."""
+    from actors import scenes
+    from pipeline.synth import write_corpus
+
+    s = d["synth"]
+    url = f"{run.url.rstrip('/')}/input"
+    if not run.exists("input", "_SYNTH_DONE"):  # (re)written whole: generation is byte-deterministic
+        log(f"synthesising {s['n']} held-out scenes (seed {s['seed']}) into {url}")
+        write_corpus(url, int(s["n"]), int(s["seed"]), int(s["shard_size"]), scenes.SceneConfig(),
+                     d.get("storage") or {}, with_response=bool(s.get("with_response", False)))
+        run.write_text("input/_SYNTH_DONE", json.dumps(s))
+    return url

@@ -1,0 +1,110 @@
+"""Portable Parquet output: plain Arrow types only (no Ray extension types), so results open with
+pyarrow, pandas, duckdb or Spark without Ray.
+
+Layout under the run directory (any fsspec URL):
+    results/<shard_key>.<config_hash>.parquet                 final, one file per input shard
+    results/_parts/<shard_key>.<config_hash>.<lo>-<hi>.parquet  written while the job runs
+A part file holds every output row of the input rows lo..hi of one shard (an input row's rows
+are never split across files). When a shard is complete its parts are compacted into the final
+file, de-duplicated on (row_index, method, token_index, step): a retried block can never
+duplicate rows. Names depend only on the input shard, the rows and the config hash, so a rerun
+overwrites instead of adding.
+"""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FLOAT_SCORES = ("obj_iou", "obj_iou_bestclass", "precision", "recall", "f1", "contrast", "contrast_capped",
+                "concentration", "f3", "pointing", "pointing_tol", "energy", "wrong_object", "func_iou",
+                "deletion_auc", "insertion_auc", "target_prob")
+
+SCHEMA = pa.schema(
+    [("id", pa.string()), ("shard", pa.string()), ("row_index", pa.int64()), ("prompt", pa.string()),
+     ("response", pa.string()), ("response_source", pa.string()), ("token", pa.string()),
+     ("token_index", pa.int32()), ("word_type", pa.string()), ("object_id", pa.int32()), ("category", pa.string()),
+     ("method", pa.string()), ("refine", pa.string()), ("hook", pa.string()), ("layer", pa.int32()),
+     ("state", pa.string()), ("step", pa.int32()), ("map", pa.list_(pa.float32())), ("map_h", pa.int32()),
+     ("map_w", pa.int32()), ("raw_map", pa.list_(pa.float32()))]
+    + [(k, pa.float64()) for k in FLOAT_SCORES]
+    + [("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()), ("notes", pa.string()),
+       ("model_id", pa.string()), ("config_hash", pa.string()), ("probe_ms", pa.float64()), ("refine_ms", pa.float64()),
+       ("thumbnail", pa.binary()), ("mask_thumbnail", pa.binary())])
+
+DEDUP_KEY = ("row_index", "method", "token_index", "step")
+
+
+def records_table(records: list[dict]) -> pa.Table:
+    """Arrow table in SCHEMA order; missing keys are null."""
+    cols = {}
+    for field in SCHEMA:
+        vals = [r.get(field.name) for r in records]
+        if pa.types.is_list(field.type):
+            vals = [None if v is None else np.asarray(v, dtype=np.float32) for v in vals]
+        cols[field.name] = pa.array(vals, type=field.type)
+    return pa.table(cols, schema=SCHEMA)
+
+
+def part_name(shard_key: str, config_hash: str, lo: int, hi: int) -> str:
+    return f"{shard_key}.{config_hash}.{lo:09d}-{hi:09d}.parquet"
+
+
+def final_name(shard_key: str, config_hash: str) -> str:
+    return f"{shard_key}.{config_hash}.parquet"
+
+
+class WriteStage:
+    """Ray map_batches callable: writes each shard's rows of the batch as one part file and
+    returns a small summary (per shard: input rows, ok rows, error kinds) for the driver."""
+
+    def __init__(self, run_dir: str, config_hash: str, shard_keys: dict[str, str], storage_options: dict | None = None):
+        self.run_dir = run_dir.rstrip("/")
+        self.config_hash = config_hash
+        self.shard_keys = shard_keys  # shard URL -> shard_key
+        self.storage_options = storage_options or {}
+        self._fs = None
+
+    def _filesystem(self):
+        if self._fs is None:
+            import fsspec
+
+            self._fs, self._root = fsspec.core.url_to_fs(self.run_dir, **self.storage_options)
+        return self._fs, self._root
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.storage import with_retries
+
+        fs, root = self._filesystem()
+        by_shard: dict[str, list[int]] = {}
+        for i, shard in enumerate(batch["shard"]):
+            by_shard.setdefault(str(shard), []).append(i)
+        summary = {"shard": [], "inputs": [], "ok": [], "errors": []}
+        for shard, idx in by_shard.items():
+            rows = [int(batch["row_index"][i]) for i in idx]
+            path = f"{root}/results/_parts/{part_name(self.shard_keys[shard], self.config_hash, min(rows), max(rows))}"
+            table = records_table(_with_refine_ms(batch, idx))
+            with_retries(lambda: _write(fs, path, table))
+            errors = [str(batch["error_kind"][i] or "error") for i in idx if batch["status"][i] != "ok"]
+            summary["shard"].append(shard)
+            summary["inputs"].append(len(idx))
+            summary["ok"].append(len(idx) - len(errors))
+            summary["errors"].append(",".join(errors))
+        return {k: np.array(v, dtype=object if k in ("shard", "errors") else np.int64) for k, v in summary.items()}
+
+
+def _with_refine_ms(batch, idx: list[int]) -> list[dict]:
+    out = []
+    for i in idx:
+        for r in pickle.loads(batch["records"][i]):
+            r["refine_ms"] = float(batch["refine_ms"][i])
+            out.append(r)
+    return out
+
+
+def _write(fs, path: str, table: pa.Table) -> None:
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, compression="zstd")

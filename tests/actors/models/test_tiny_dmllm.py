@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+
+from actors import scenes
+from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, UnknownWordError, WordTokenizer, denoise, normalise_pixels
+from actors.models.train_tiny import encode_prompts
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    return TinyDMLLM(TinyDMLLMConfig()).eval()
+
+
+def _inputs(model, n, seed=21):
+    items = scenes.make_scenes(seed, 0, n)
+    tok = WordTokenizer(model.config.vocab)
+    pixels = normalise_pixels(torch.from_numpy(np.stack([s.image for s in items])))
+    return pixels, encode_prompts(tok, [s.prompt for s in items], model.config.max_prompt_len)
+
+
+def test_greedy_generation_is_deterministic_and_batch_equals_singles(random_model):
+    pixels, prompts = _inputs(random_model, 8)
+    a = denoise(random_model, pixels, prompts)
+    b = denoise(random_model, pixels, prompts)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+    for i in range(8):
+        s = denoise(random_model, pixels[i:i + 1], prompts[i:i + 1])
+        assert torch.equal(s.ids[0], a.ids[i]) and torch.equal(s.commit_step[0], a.commit_step[i])
+    assert (a.commit_step >= 0).all() and a.commit_step.max() == a.n_steps - 1
+
+
+def test_sampling_needs_a_generator_and_is_reproducible_with_one(random_model):
+    pixels, prompts = _inputs(random_model, 4)
+    with pytest.raises(ValueError):
+        denoise(random_model, pixels, prompts, temperature=0.5)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = denoise(random_model, pixels, prompts, temperature=0.5, generator=g1)
+    b = denoise(random_model, pixels, prompts, temperature=0.5, generator=g2)
+    assert torch.equal(a.ids, b.ids)
+
+
+def test_prefix_lm_blocks_prompt_and_image_from_seeing_the_response(random_model):
+    pixels, prompts = _inputs(random_model, 2)
+    L = random_model.config.response_len
+    hidden = {}
+    hook = random_model.blocks[-1].register_forward_hook(lambda m, i, o: hidden.__setitem__("h", o))
+    c1 = torch.randint(3, 20, (2, L))
+    c2 = torch.randint(3, 20, (2, L))
+    random_model(pixels, prompts, c1)
+    h1 = hidden["h"]
+    random_model(pixels, prompts, c2)
+    h2 = hidden["h"]
+    hook.remove()
+    cs = random_model.canvas_start
+    assert torch.allclose(h1[:, :cs], h2[:, :cs], atol=1e-6)  # prompt + image unchanged
+    assert not torch.allclose(h1[:, cs:], h2[:, cs:])  # canvas positions do change
+    # without prefix_lm the image states do depend on the response (the test can fail)
+    bidir = TinyDMLLM(TinyDMLLMConfig(prefix_lm=False)).eval()
+    bidir.load_state_dict(random_model.state_dict())
+    hook = bidir.blocks[-1].register_forward_hook(lambda m, i, o: hidden.__setitem__("h", o))
+    bidir(pixels, prompts, c1)
+    g1 = hidden["h"]
+    bidir(pixels, prompts, c2)
+    hook.remove()
+    assert not torch.allclose(g1[:, :cs], hidden["h"][:, :cs])
+
+
+def test_forced_trajectory_commits_the_given_tokens(random_model):
+    pixels, prompts = _inputs(random_model, 3)
+    forced = torch.randint(3, 20, (3, random_model.config.response_len))
+    t = denoise(random_model, pixels, prompts, forced_ids=forced)
+    assert torch.equal(t.ids, forced)
+
+
+def test_tokenizer_refuses_unknown_words_and_round_trips():
+    tok = WordTokenizer(TinyDMLLMConfig().vocab)
+    ids = tok.encode("a red circle and a blue square")
+    assert tok.decode(ids + [tok.eos_id, tok.eos_id]) == "a red circle and a blue square"
+    with pytest.raises(UnknownWordError):
+        tok.encode("a red zebra")
+    with pytest.raises(UnknownWordError):
+        tok.encode("[MASK]")
+
+
+def test_save_and_load_local_and_from_s3(tmp_path, random_model, s3_bucket):
+    import fsspec
+
+    random_model.save_pretrained(tmp_path / "ck")
+    WordTokenizer(random_model.config.vocab).save_pretrained(str(tmp_path / "ck"))
+    local = TinyDMLLM.from_pretrained(str(tmp_path / "ck"))
+    fs = fsspec.filesystem("s3", key=s3_bucket.storage_options["key"], secret=s3_bucket.storage_options["secret"],
+                           endpoint_url=s3_bucket.storage_options["endpoint_url"])
+    for f in (tmp_path / "ck").iterdir():
+        fs.put_file(str(f), f"{s3_bucket.name}/models/ck/{f.name}")
+    from_s3 = TinyDMLLM.from_pretrained(f"{s3_bucket.url}/models/ck")
+    for m in (local, from_s3):
+        for (k, v), (_, w) in zip(random_model.state_dict().items(), m.state_dict().items()):
+            assert torch.equal(v, w), k
