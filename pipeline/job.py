@@ -12,6 +12,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from pipeline.config import config_hash, to_dict
 from pipeline.manifest import SUCCESS, RunDir, compact, load_or_create_manifest, parts_of, reconcile
 from pipeline.sources import list_shards
@@ -19,6 +21,10 @@ from pipeline.sources import list_shards
 
 class JobIncompleteError(RuntimeError):
     """Shards are still pending after the execution (their rows were not all written)."""
+
+
+class DriverInterrupted(RuntimeError):
+    """Raised by the test-only `testing.stop_after_rows` switch to simulate losing the driver."""
 
 
 # -- stage functions (module level: shipped to Ray tasks by reference) -------------------------
@@ -110,6 +116,7 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
     """Run the streaming execution; compact shards as they complete. Returns counts."""
     import ray
 
+    t_start = time.perf_counter()
     ensure_ray(d)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(d["ray"].get("progress_bars", True))
@@ -119,9 +126,12 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
     counts = dict(inputs=0, ok=0, errors={})
     total = sum(expected.values())
     t0, last = time.perf_counter(), 0.0
+    first = None  # (time, rows) when the first output batch arrived: start-up ends there
     with ThreadPoolExecutor(4) as pool:
         futures = []
         for batch in build_dataset(pending, run, d, cfg_hash).iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None:
+                first = (time.perf_counter(), int(np.sum(batch["inputs"])))
             for shard, n, ok, errs in zip(batch["shard"], batch["inputs"], batch["ok"], batch["errors"]):
                 seen[shard] += int(n)
                 counts["inputs"] += int(n)
@@ -131,13 +141,21 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
                 if seen[shard] >= expected[shard]:  # every row written: compact now
                     e = entries[shard]
                     futures.append(pool.submit(lambda e=e: compact(run, e, cfg_hash, parts_of(run, e, cfg_hash))))
+            stop_after = (d.get("testing") or {}).get("stop_after_rows")
+            if stop_after is not None and counts["inputs"] >= int(stop_after):
+                raise DriverInterrupted(f"testing.stop_after_rows={stop_after}: simulated driver loss")
             now = time.perf_counter() - t0
             if now - last > 10 or counts["inputs"] == total:
                 last = now
                 log(f"{counts['inputs']}/{total} rows ({counts['ok']} ok), {counts['inputs'] / max(now, 1e-9):.1f} rows/s")
         for f in futures:
             f.result()
-    counts["seconds"] = time.perf_counter() - t0
+    end = time.perf_counter()
+    counts["seconds"] = end - t0
+    if first is not None:
+        steady_rows, steady_s = counts["inputs"] - first[1], end - first[0]
+        counts["timing"] = dict(startup_s=first[0] - t_start, total_s=end - t_start,
+                                steady_rows_per_s=steady_rows / steady_s if steady_s > 0 and steady_rows else None)
     return counts
 
 

@@ -69,13 +69,14 @@ class WriteStage:
 
     def _filesystem(self):
         if self._fs is None:
-            import fsspec
+            from pipeline.storage import open_fs
 
-            self._fs, self._root = fsspec.core.url_to_fs(self.run_dir, **self.storage_options)
+            self._fs, root = open_fs(self.run_dir, self.storage_options)
+            self._root = root.rstrip("/")
         return self._fs, self._root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.storage import with_retries
+        from pipeline.storage import retry_settings, secrets_of, with_retries
 
         fs, root = self._filesystem()
         by_shard: dict[str, list[int]] = {}
@@ -86,7 +87,8 @@ class WriteStage:
             rows = [int(batch["row_index"][i]) for i in idx]
             path = f"{root}/results/_parts/{part_name(self.shard_keys[shard], self.config_hash, min(rows), max(rows))}"
             table = records_table(_with_refine_ms(batch, idx))
-            with_retries(lambda: _write(fs, path, table))
+            attempts, base = retry_settings(self.storage_options)
+            with_retries(lambda: _write(fs, path, table), attempts, base, secrets=secrets_of(self.storage_options))
             errors = [str(batch["error_kind"][i] or "error") for i in idx if batch["status"][i] != "ok"]
             summary["shard"].append(shard)
             summary["inputs"].append(len(idx))

@@ -29,6 +29,7 @@ Row contract details decided here:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -124,7 +125,7 @@ def list_shards(input_url: str, fmt: str = "auto", storage_options: dict | None 
         files = with_retries(lambda: _expand(fs, path), attempts, base, secrets=secrets)
     except Exception as e:  # noqa: BLE001 - reported as a shard-level error
         raise SourceError(f"cannot list {redact_url(input_url, secrets)}: {describe_error(e, secrets)}") from None
-    chosen = fmt if fmt != "auto" else _detect_format(files, input_url)
+    chosen = fmt if fmt != "auto" else _detect_format(files, redact_url(input_url, secrets))
     files = [f for f in files if f.lower().endswith(_EXTS[chosen]) and not f.endswith("_stats.json")]
     if not files:
         raise SourceError(f"no {chosen} shards found at {redact_url(input_url, secrets)}")
@@ -145,6 +146,7 @@ def redact_url(url: str, secrets) -> str:
 
 
 def _expand(fs, path: str) -> list[str]:
+    """Files named by a glob, a directory (recursive), a file, or a bare key prefix."""
     fs.invalidate_cache()
     if any(c in path for c in "*?["):
         out = []
@@ -172,6 +174,7 @@ def _files_under(fs, root: str) -> list[str]:
 
 
 def _detect_format(files: list[str], input_url: str) -> str:
+    """The format fmt="auto" resolves to (input_url is only used, already redacted, in messages)."""
     exts = {fmt for fmt, ends in _EXTS.items() for f in files if f.lower().endswith(ends)}
     if "webdataset" in exts:
         return "webdataset"
@@ -186,6 +189,7 @@ def _detect_format(files: list[str], input_url: str) -> str:
 
 
 def _sniff_parquet(fs, path: str) -> str:
+    """dcam parquet (image/image_uri columns) or img2dataset parquet (url column), from the schema."""
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
@@ -216,6 +220,12 @@ class _Ctx:
         attempts, base = retry_settings(self.storage_options)
         kw = {"block_size": block_size} if block_size and scheme_of(self.spec.url) != "file" else {}
         return with_retries(lambda: self.fs.open(self.path, "rb", **kw), attempts, base, secrets=self.secrets)
+
+    @contextlib.contextmanager
+    def open_stream(self):
+        """Sequential buffered reader: fsspec's own readline copies a whole block per line."""
+        with self.open(_BLOCK) as f:
+            yield io.BufferedReader(f, buffer_size=1 << 20) if not isinstance(f, io.BufferedIOBase) else f
 
     def field_names(self) -> tuple:
         """(id, prompt, response) field names after `source.*` overrides (None = not taken from data)."""
@@ -260,6 +270,7 @@ def read_shard(spec: ShardSpec, storage_options: dict | None = None, source: dic
 
     `source` is the config's `source` section: id_field, prompt_field, response_field (None = do not take
     it from the data), image_field, coco_images, coco_captions, batch_rows, max_member_bytes.
+    Empty prompts stay empty here: DecodeStage applies `source.default_prompt` and records the note.
     """
     ctx = _Ctx.make(spec, storage_options, source)
     reader = {"parquet": _parquet_records, "img2dataset_parquet": _parquet_records, "webdataset": _tar_records,
@@ -377,7 +388,8 @@ def _image_fields(rec: dict, ctx: _Ctx) -> tuple[bytes | None, str | None]:
     if isinstance(image, dict):  # Hugging Face datasets Image feature: {"bytes", "path"}
         image = image.get("bytes") or image.get("path")
     data = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else None
-    uri = next((rec[k] for k in _IMAGE_URI_FIELDS if isinstance(rec.get(k), str) and rec[k].strip()), None)
+    candidates = [image] + [rec.get(k) for k in _IMAGE_URI_FIELDS]
+    uri = next((u for u in candidates if isinstance(u, str) and u.strip()), None)
     if data:
         return data, None
     if uri:
@@ -505,7 +517,7 @@ def _tar_row(key: str, members: dict, ctx: _Ctx) -> dict:
 
 def _jsonl_lines(ctx: _Ctx, payload: bool = True) -> Iterator[bytes]:
     """Non-blank lines (bytes), streamed; a UTF-8 BOM on the first line is dropped."""
-    with ctx.open(_BLOCK) as f:
+    with ctx.open_stream() as f:
         first = True
         for line in f:
             if first:
@@ -532,7 +544,7 @@ def _jsonl_records(ctx: _Ctx) -> Iterator[dict]:
 
 def _csv_records(ctx: _Ctx, payload: bool = True) -> Iterator[dict]:
     """csv.DictReader rows; bytes that are not UTF-8 survive as surrogates (flagged per row later)."""
-    with ctx.open(_BLOCK) as f:
+    with ctx.open_stream() as f:
         text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
         yield from csv.DictReader(text)
 

@@ -49,7 +49,7 @@ _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, e
                      errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
 _TRANSIENT_TEXT = ("slowdown", "slow down", "throttl", "too many requests", "service unavailable",
                    "internal server error", "bad gateway", "gateway timeout", "connection reset",
-                   "connection aborted", "timed out", "temporarily unavailable", "503", "502", "504", "500 ")
+                   "connection aborted", "timed out", "temporarily unavailable", "503", "502", "504")
 
 
 class StorageError(RuntimeError):
@@ -218,30 +218,37 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: connection failures, timeouts, HTTP 5xx/429, throttling.
+def _classify(e: BaseException) -> bool | None:
+    """True/False when this exception alone decides transience; None when its cause must decide."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                      FileExistsError, StorageError, ValueError, TypeError, KeyError)):
+        return False
+    status, code = _http_status(e), _error_code(e)
+    if code in TRANSIENT_CODES:  # AWS sends some throttling errors with HTTP 400
+        return True
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    if any(c.__name__ in _TRANSIENT_CLASS_NAMES for c in type(e).__mro__):
+        return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return True
+    return None
 
-    Never transient: not found (404), access denied (403), other 4xx, permission errors,
-    scheme refusals, bad arguments. The exception's cause chain is inspected (s3fs wraps botocore).
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: connection failures, timeouts, HTTP 5xx/408/429, throttling codes.
+
+    Never transient: not found (404), access denied (403), other 4xx, permission errors, scheme
+    refusals, bad arguments. The outermost exception in the cause chain that decides wins (s3fs wraps
+    botocore's ClientError in a generic OSError); undecided OSErrors fall back to message hints.
     """
     chain = _chain(exc)
     for e in chain:
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                          FileExistsError, StorageError, ValueError, TypeError, KeyError)):
-            return False
-        status = _http_status(e)
-        if status is not None and 400 <= status < 500 and status not in (408, 429):
-            return False
-    for e in chain:
-        status, code = _http_status(e), _error_code(e)
-        if code in TRANSIENT_CODES or (status is not None and (status >= 500 or status in (408, 429))):
-            return True
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        if any(c.__name__ in _TRANSIENT_CLASS_NAMES for c in type(e).__mro__):
-            return True
-        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
-            return True
+        decided = _classify(e)
+        if decided is not None:
+            return decided
     text = " ".join(str(e).lower() for e in chain if isinstance(e, OSError))
     return any(t in text for t in _TRANSIENT_TEXT)
 

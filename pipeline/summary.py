@@ -12,6 +12,7 @@ from pipeline.manifest import RunDir
 
 TABLE_SCORES = ("obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "contrast", "concentration",
                 "deletion_auc", "insertion_auc")
+LOWER_BETTER = frozenset({"deletion_auc", "wrong_object", "map_entropy"})  # fail-under: fail when above
 
 
 def read_results(run: RunDir, columns: list[str]):
@@ -66,10 +67,10 @@ def parse_fail_under(spec: str | None) -> dict[str, float]:
     return out
 
 
-def check_fail_under(table: list[dict], thresholds: dict[str, float], method: str | None = None) -> list[str]:
+def check_fail_under(table: list[dict], thresholds: dict[str, float], method: str | None = None,
+                     lower_better=LOWER_BETTER) -> list[str]:
     """Reasons (one per missed threshold) for each method row; empty = pass. Lower-is-better
-    scores (deletion_auc, wrong_object) fail when above the threshold."""
-    lower_better = {"deletion_auc", "wrong_object"}
+    scores (`lower_better`: deletion_auc, wrong_object, map_entropy) fail when above the threshold."""
     reasons = []
     for row in table:
         if method and row["method"] != method:
@@ -102,7 +103,7 @@ def finish_run(run: RunDir, d: dict, cfg_hash: str, counts: dict, log) -> dict:
     cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
     t = read_results(run, cols)
     s = dict(run=run.url, config_hash=cfg_hash, **status_counts(t), table=localisation_table(t),
-             seconds=counts.get("seconds", 0.0),
+             seconds=counts.get("seconds", 0.0), timing=counts.get("timing", {}),
              rows_per_s=(counts["inputs"] / counts["seconds"]) if counts.get("seconds") else None)
     run.write_text("summary.json", json.dumps(s, indent=1, default=float))
     log(format_summary(s))

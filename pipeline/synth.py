@@ -37,9 +37,9 @@ def write_corpus(output: str, n: int, seed: int, shard_size: int, scene_cfg: sce
                  storage_options: dict | None = None, with_response: bool = True) -> list[str]:
     """Shards shard-00000.parquet, ... under `output` (any fsspec URL). Same arguments give
     byte-identical files. Returns the shard URLs."""
-    import fsspec
+    from pipeline.storage import open_fs
 
-    fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
+    fs, root = open_fs(output, storage_options)
     fs.makedirs(root, exist_ok=True)
     urls = []
     for k, start in enumerate(range(0, n, shard_size)):
@@ -49,5 +49,5 @@ def write_corpus(output: str, n: int, seed: int, shard_size: int, scene_cfg: sce
         path = f"{root.rstrip('/')}/shard-{k:05d}.parquet"
         with fs.open(path, "wb") as f:
             pq.write_table(table, f, compression="zstd", write_statistics=False)
-        urls.append(fs.unstrip_protocol(path))
+        urls.append(fs.unstrip_protocol(path) if "://" in output else path)
     return urls

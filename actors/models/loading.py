@@ -27,17 +27,29 @@ def _scheme(url: str) -> str:
 
 
 def resolve_checkpoint(source: str, cache_dir: str | None = None, storage_options: dict | None = None,
-                       allowed_schemes=ALLOWED_SCHEMES) -> str:
-    """Return a local directory holding the checkpoint named by `source`."""
+                       allowed_schemes=ALLOWED_SCHEMES, hf_cache_dir: str | None = None) -> str:
+    """Return a local directory holding the checkpoint named by `source`.
+
+    - a local directory (or file://, local://) is used in place;
+    - `owner/name` that is not a local directory, or hf://owner/name[@revision], is looked up in the
+      local Hugging Face cache only (`hf_cache_dir`, else HF_HUB_CACHE / HF_HOME): never downloaded;
+    - any other allowed fsspec URL (s3://, gs://, ...) is copied once to `cache_dir`/<hash of the URL>
+      (a marker file makes the copy complete; concurrent actors on one node race safely)."""
     scheme = _scheme(source)
     if scheme not in allowed_schemes:
         raise CheckpointError(f"model source scheme {scheme!r} is not allowed (allowed: {list(allowed_schemes)})")
+    if scheme == "hf":
+        repo = source.split("://", 1)[1].strip("/")
+        repo, _, revision = repo.partition("@")
+        if len(repo.split("/")) != 2:
+            raise CheckpointError(f"hf:// source must name owner/name[@revision], got {source!r}")
+        return _from_hf_cache(repo, cache_dir=hf_cache_dir, revision=revision or None)
     if scheme in ("file", "local"):
         path = source.split("://", 1)[-1]
         if os.path.isdir(path):
             return path
         if "/" in path and not path.startswith((".", "/")) and len(path.split("/")) == 2:
-            return _from_hf_cache(path)
+            return _from_hf_cache(path, cache_dir=hf_cache_dir)
         raise CheckpointError(f"checkpoint directory not found: {path}")
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     root = root.rstrip("/")
@@ -66,24 +78,40 @@ def resolve_checkpoint(source: str, cache_dir: str | None = None, storage_option
     return str(local)
 
 
-def _from_hf_cache(repo_id: str) -> str:
+def _from_hf_cache(repo_id: str, cache_dir: str | None = None, revision: str | None = None) -> str:
+    """The snapshot of `repo_id` already in the local Hugging Face cache (local_files_only: the hub
+    is never contacted, whatever HF_HUB_OFFLINE says)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, local_files_only=True)
+        return snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir, revision=revision)
     except Exception as e:  # noqa: BLE001 - re-raised with the cause
         raise CheckpointError(f"{repo_id!r} is not a local directory and is not in the local Hugging Face cache "
                               f"(dcam never downloads from a hub): {type(e).__name__}") from e
 
 
+# Files whose `auto_map` makes transformers import Python code shipped with the checkpoint.
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                       "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json")
+
+
 def check_remote_code(local_dir: str, trust_remote_code: bool) -> None:
-    """Refuse a checkpoint that needs remote code unless trust_remote_code was set explicitly."""
-    cfg_path = os.path.join(local_dir, "config.json")
-    if not os.path.exists(cfg_path):
+    """Refuse a checkpoint that needs remote code unless trust_remote_code was set explicitly: an
+    `auto_map` entry in its model config or in any tokenizer / processor config."""
+    if trust_remote_code:
         return
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise CheckpointError(
-            f"checkpoint {local_dir} declares custom code (auto_map: {sorted(cfg['auto_map'])}); dcam does not execute "
-            "code from checkpoints unless model.trust_remote_code=true is set explicitly")
+    for name in REMOTE_CODE_CONFIGS:
+        cfg_path = os.path.join(local_dir, name)
+        if not os.path.exists(cfg_path):
+            continue
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {local_dir}: unreadable {name}: {type(e).__name__}") from None
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            auto_map = cfg["auto_map"]
+            keys = sorted(auto_map) if isinstance(auto_map, dict) else auto_map
+            raise CheckpointError(
+                f"checkpoint {local_dir} declares custom code in {name} (auto_map: {keys}); dcam does not execute "
+                "code from checkpoints unless model.trust_remote_code=true is set explicitly")

@@ -56,6 +56,9 @@ OBJECT_META_FIELDS = {"name", "generateName", "namespace", "labels", "annotation
 SECRET_ENV = re.compile(r"^AWS_|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY",
                         re.IGNORECASE)
 
+# RayJob.spec.submissionMode values KubeRay 1.7 accepts (the CRD has no enum).
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
 POD_SPEC_CONTAINER_KEYS = ("containers", "initContainers", "ephemeralContainers")
 
 
@@ -116,8 +119,7 @@ def crd_validator(kind: str, version: str = "v1", strict: bool = True) -> jsonsc
     schema = json.loads(schema_path(kind, version).read_text())
     if strict:
         schema = strictify(schema)
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
+    return jsonschema.Draft7Validator(schema)  # check_schema: see test_vendored_schema_is_draft07
 
 
 def _json_path(error: jsonschema.ValidationError) -> str:
@@ -420,8 +422,11 @@ def ray_job_spec_errors(spec: Any, where: str) -> list[str]:
         errors.append(f"{where}: activeDeadlineSeconds must be positive")
     if isinstance(spec.get("backoffLimit"), int) and spec["backoffLimit"] < 0:
         errors.append(f"{where}: backoffLimit must be >= 0")
+    mode = spec.get("submissionMode", "K8sJobMode")
+    if mode not in SUBMISSION_MODES:
+        errors.append(f"{where}: submissionMode {mode!r} is not one of {sorted(SUBMISSION_MODES)}")
     entrypoint = spec.get("entrypoint")
-    if spec.get("submissionMode") != "InteractiveMode":
+    if mode != "InteractiveMode":
         if not isinstance(entrypoint, str) or not entrypoint.strip():
             errors.append(f"{where}: entrypoint is required")
     if isinstance(entrypoint, str) and re.search(r"AWS_SECRET_ACCESS_KEY=|AWS_SESSION_TOKEN=|"

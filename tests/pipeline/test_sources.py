@@ -268,6 +268,22 @@ def test_coco(root):
     assert rows[1]["status"] == "error" and rows[1]["error_kind"] == "parse" and "category_id 9" in rows[1]["error"]
 
 
+def test_coco_malformed_entries_become_error_rows(tmp_path):
+    doc = {"images": [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}, "not a dict",
+                      {"id": 2, "file_name": "b.png"}, {"id": 3, "file_name": "c.png", "height": 4, "width": 4},
+                      {"id": 4, "file_name": "d.png", "height": 4, "width": 4}],
+           "categories": [{"id": 1, "name": "cat"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": ["x", 0, 1, 1], "segmentation": []},
+                           {"id": 2, "image_id": 3, "category_id": 1, "segmentation": {"size": [9, 9], "counts": [81]}},
+                           {"id": 3, "image_id": 4, "category_id": 1, "segmentation": "polygon?"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(doc))
+    spec = sources.shard_spec(str(tmp_path / "instances.json"), "coco")
+    rows = list(read_shard(spec))
+    assert count_rows(spec) == len(rows) == 5
+    assert [r["error_kind"] for r in rows] == ["parse", "parse", "parse", "mask", "mask"]
+    assert [r["id"] for r in rows][:3] == ["1", f"{spec.shard_key}-1", "2"]
+
+
 # ----------------------------------------------------------------------------------------------- listing
 
 def test_listing_glob_prefix_and_errors(tmp_path):
@@ -384,10 +400,22 @@ def wrapped(cause: BaseException) -> OSError:
     return e
 
 
+def during_value_error(exc: BaseException) -> BaseException:
+    try:
+        raise ValueError("unrelated")
+    except ValueError:
+        try:
+            raise exc
+        except BaseException as e:  # noqa: BLE001
+            return e
+
+
 @pytest.mark.parametrize("exc, transient", [
+    (during_value_error(ConnectionError("x")), True), (during_value_error(FileNotFoundError()), False),
     (ConnectionError("x"), True), (ConnectionResetError(), True), (TimeoutError(), True),
     (wrapped(FakeClientError(503, "SlowDown")), True), (wrapped(FakeClientError(500, "InternalError")), True),
-    (wrapped(FakeClientError(400, "Throttling")), False), (FakeClientError(429, "TooManyRequests"), True),
+    (wrapped(FakeClientError(400, "Throttling")), True), (wrapped(FakeClientError(400, "InvalidArgument")), False),
+    (FakeClientError(429, "TooManyRequests"), True), (wrapped(ConnectionResetError()), True),
     (wrapped(FakeClientError(403, "AccessDenied")), False), (wrapped(FakeClientError(404, "NoSuchKey")), False),
     (FileNotFoundError("x"), False), (PermissionError("x"), False), (ValueError("x"), False),
     (SchemeNotAllowedError("x"), False), (OSError(5, "Service Unavailable"), True), (OSError(5, "bad"), False),
