@@ -23,7 +23,6 @@ from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 MODULES = ("akd", "dacg", "cba", "sicd")
 DACG_MODES = ("reference_identity", "spatial")
@@ -443,7 +442,11 @@ def cba_tau(maps, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
 
 def _cba(x: np.ndarray, cfg: RefineConfig) -> np.ndarray:
     tau = _cba_tau(x.reshape(len(x), -1), cfg)[:, None, None]
-    return np.where(x < tau, x * np.clip(x / tau, cfg.cba_floor, 1.0), x)
+    scale = x / tau  # clip(E / tau, floor, 1) without np.clip's wrapper overhead
+    np.maximum(scale, cfg.cba_floor, out=scale)
+    np.minimum(scale, 1.0, out=scale)
+    scale *= x
+    return np.where(x < tau, scale, x)
 
 
 def cba(maps, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
@@ -462,7 +465,7 @@ def _clip_normalise(x: np.ndarray, raw_max: np.ndarray, eps: float) -> np.ndarra
     if x.size == 0:
         return x.copy()
     # Same as the reference's np.clip(E, 0, max_raw), including hi < 0 (result = hi).
-    x = np.clip(x, 0.0, raw_max[:, None, None])
+    x = np.minimum(np.maximum(x, 0.0), raw_max[:, None, None])
     flat = x.reshape(len(x), -1)
     lo_v, hi_v = flat.min(axis=1)[:, None, None], flat.max(axis=1)[:, None, None]
     return np.where(hi_v > lo_v, (x - lo_v) / (hi_v - lo_v + eps), x)

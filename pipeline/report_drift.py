@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.report_scan import (ROW_METRICS, GroupBootstrap, TopK, f3_aggregate, interval, iter_batches, list_parts,
-                                  num, poisson_weights)
+                                  num, poisson_weights, sample_word_groups)
 
 PAIR_KEY = ("shard", "row_index", "method", "token_index", "step")
 F3_PARTS = ("obj_iou", "contrast", "concentration")
@@ -108,7 +108,7 @@ class Drift:
             self.delta.add(codes[s], np.column_stack([xa[s] - xb[s], l1[s], cos[s]]), w)
             self.this.add(codes[s], xa[s][:, parts], w)
             self.base.add(codes[s], xb[s][:, parts], w)
-        self.moved.offer(cos, lambda i: _moved_item(a, b, i, l1[i]))
+        self.moved.offer(cos, lambda i: _moved_item(a, b, i, l1[i]), sample_word_groups(a))
 
     def table(self) -> list[dict]:
         """Per (method, refine): pairs and {metric: {delta, lo, hi, n}} including f3 and map_l1/map_cos."""
@@ -130,8 +130,9 @@ def _moved_item(a: pa.Table, b: pa.Table, i: int, l1: float) -> dict:
     """Gallery item of a pair: identity, both maps and both runs' Obj-IoU."""
     g = {c: a.column(c)[i].as_py() for c in ("shard", "row_index", "method", "refine", "token_index", "step", "id",
                                              "token", "map_h", "map_w")}
-    g["key"] = (g["shard"], g["row_index"], g["method"], g["refine"], g["token_index"] or -1,
+    g["key"] = (g["shard"], g["row_index"], g["method"], g["refine"], -1 if g["token_index"] is None else g["token_index"],
                 -1 if g["step"] is None else g["step"])
+    g["group"] = (g["shard"], g["row_index"], g["token_index"])
     g.update(map=a.column("map")[i].as_py(), base_map=b.column("map")[i].as_py(),
              base_h=b.column("map_h")[i].as_py(), base_w=b.column("map_w")[i].as_py(), l1=float(l1),
              obj_iou=a.column("obj_iou")[i].as_py(), base_obj_iou=b.column("obj_iou")[i].as_py())

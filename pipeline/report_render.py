@@ -119,7 +119,7 @@ def overlay(thumb: bytes | None, values, h, w, mask: bytes | None = None, object
         m = m / m.max() if m.max() > 0 else m
         up = np.clip(np.asarray(Image.fromarray(m, mode="F").resize(size, Image.BILINEAR)), 0, 1)
         heat = heat_lut()[(up * 255).astype(np.uint8)].astype(np.float32)
-        a = alpha * (0.35 + 0.65 * up)[..., None]
+        a = (alpha * (0.15 + 0.85 * up))[..., None]  # cold cells stay see-through
         rgb = rgb * (1 - a) + heat * a
     out = rgb.clip(0, 255).astype(np.uint8)
     obj = _decode(mask, "L")
@@ -129,11 +129,13 @@ def overlay(thumb: bytes | None, values, h, w, mask: bytes | None = None, object
     return Image.fromarray(out)
 
 
-def outline(m: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a boolean mask (pixels with a 4-neighbour outside), 1 pixel thick."""
-    p = np.pad(m, 1, constant_values=False)
-    interior = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~interior
+def outline(m: np.ndarray, width: int = 2) -> np.ndarray:
+    """Boundary pixels of a boolean mask: inside pixels within `width` 4-steps of the outside."""
+    inner = m.copy()
+    for _ in range(width):
+        p = np.pad(inner, 1, constant_values=False)
+        inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:] & inner
+    return m & ~inner
 
 
 def histograms(x: np.ndarray, codes: np.ndarray, names: list[str], metrics: list[str], max_groups: int = 6):

@@ -178,24 +178,47 @@ def num(v) -> float | None:
 
 
 class TopK:
-    """The k rows with the largest (or smallest) score seen so far; ties broken by row key."""
+    """The k rows with the largest (or smallest) score seen so far, at most one per group (e.g. one
+    card per sample and word, so one sample's steps and methods do not fill a gallery); ties are
+    broken by row key."""
 
     def __init__(self, k: int, largest: bool = True):
         self.k, self.largest, self.items = int(k), largest, []
 
-    def offer(self, scores: np.ndarray, make_item) -> None:
-        """`make_item(i)` -> dict (with a 'key' tuple) for batch row i; called only for candidates."""
+    def offer(self, scores: np.ndarray, make_item, groups: np.ndarray | None = None) -> None:
+        """`make_item(i)` -> dict (with 'key' and 'group' tuples) for batch row i, called only for
+        candidates; `groups` (int64 per row) keeps one best candidate per group of the batch."""
         idx = np.nonzero(~np.isnan(scores))[0]
         if not len(idx) or self.k <= 0:
             return
-        s = scores[idx] if not self.largest else -scores[idx]
+        s = -scores[idx] if self.largest else scores[idx]
+        if groups is not None:  # best row per group: sort by (group, score), keep first of each group
+            order = np.lexsort((s, groups[idx]))
+            g = groups[idx][order]
+            first = order[np.concatenate([[True], g[1:] != g[:-1]])]
+            idx, s = idx[first], s[first]
         if len(idx) > self.k:
             idx = idx[np.argpartition(s, self.k - 1)[: self.k]]
         for i in idx:
             self.items.append(dict(make_item(int(i)), score=float(scores[i])))
         sign = -1 if self.largest else 1
         self.items.sort(key=lambda it: (sign * it["score"], it["key"]))
-        del self.items[self.k:]
+        seen, kept = set(), []
+        for it in self.items:
+            if it.get("group") not in seen or it.get("group") is None:
+                seen.add(it.get("group"))
+                kept.append(it)
+        self.items = kept[: self.k]
+
+
+def sample_word_groups(t) -> np.ndarray:
+    """int64 group id per row of a batch: (shard, row_index, token_index), i.e. one sample's word."""
+    col = t.column("shard")
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    shard = pc.dictionary_encode(col).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    row = t.column("row_index").to_numpy(zero_copy_only=False).astype(np.int64)
+    tok = pc.fill_null(t.column("token_index"), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return (shard << 44) + (row << 16) + (tok & 0xFFFF)
 
 
 class PrioritySample:
@@ -284,8 +307,9 @@ def fetch_rows(fs, files_by_shard: dict[str, list[str]], wanted: dict[str, set],
 def row_ref(t, i: int) -> dict:
     """Identity of row i of a batch: its sort/lookup key plus a few display fields."""
     g = {c: t.column(c)[i].as_py() for c in ("shard", "row_index", "method", "refine", "token_index", "step", "id", "token")}
-    g["key"] = (g["shard"] or "", g["row_index"], g["method"] or "", g["refine"] or "", g["token_index"] or -1,
-                -1 if g["step"] is None else g["step"])
+    g["key"] = (g["shard"] or "", g["row_index"], g["method"] or "", g["refine"] or "",
+                -1 if g["token_index"] is None else g["token_index"], -1 if g["step"] is None else g["step"])
+    g["group"] = (g["shard"], g["row_index"], g["token_index"])
     return g
 
 
@@ -351,11 +375,11 @@ class RunScan:
         self.sample.add(self.rng.random(len(x)), x, codes)
         col = {m: x[:, BOOT_METRICS.index(m)] for m in BOOT_METRICS}
         self.breakdowns.add(t.column("method"), t.column("refine"), {d: t.column(d) for d in BREAKDOWN_DIMS}, col)
-        item = lambda i: row_ref(t, i)  # noqa: E731
-        self.tops["worst"].offer(col["obj_iou"], item)
-        self.tops["best"].offer(col["obj_iou"], item)
-        self.tops["deletion"].offer(col["deletion_auc"], item)
-        self.tops["diffuse"].offer(col["map_top10"], item)
+        item, groups = (lambda i: row_ref(t, i)), sample_word_groups(t)
+        self.tops["worst"].offer(col["obj_iou"], item, groups)
+        self.tops["best"].offer(col["obj_iou"], item, groups)
+        self.tops["deletion"].offer(col["deletion_auc"], item, groups)
+        self.tops["diffuse"].offer(col["map_top10"], item, groups)
         self._find_strips(t)
 
     def _find_strips(self, t) -> None:

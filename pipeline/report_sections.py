@@ -10,10 +10,12 @@ from pipeline.report_template import section
 LOCALISATION = ("obj_iou", "contrast", "concentration", "f3", "f3_mean", "pointing", "pointing_tol", "energy",
                 "wrong_object")
 FAITHFULNESS = ("deletion_auc", "insertion_auc", "map_top10", "map_entropy")
+HIST_METRICS = ("obj_iou", "contrast", "concentration", "f3", "energy", "deletion_auc", "insertion_auc", "map_top10")
 LABELS = dict(obj_iou="Obj-IoU", contrast="contrast", concentration="concentration", f3="F3 (paper)",
               f3_mean="F3 per-image mean", pointing="pointing", pointing_tol="pointing (tol)", energy="energy",
               wrong_object="wrong object \u2193", deletion_auc="deletion AUC \u2193", insertion_auc="insertion AUC",
               map_top10="top-10% mass", map_entropy="map entropy \u2193", map_l1="map L1", map_cos="map 1-cos")
+ROW_LABELS = dict(LABELS, f3="F3 (row mean)")  # breakdowns average the per-row F3
 
 
 def _wrap(t: str) -> Safe:
@@ -49,14 +51,14 @@ def render_headline(ctx) -> Safe:
     return section("headline", "Headline", Safe(body), note)
 
 
-def card(images, title: str, lines: list[str], text: str | None = None, wide: bool = False) -> Safe:
+def card(images, title: str, lines: list[str], text: str | None = None) -> Safe:
     """A gallery card: images (PIL), a bold title, small lines and an optional text (all escaped)."""
     imgs = "".join(img_tag(im, title) for im in images)
     if len(images) > 1:
         imgs = f'<div class="pair">{imgs}</div>'
     small = "".join(f"<small>{esc(x)}</small>" for x in lines)
     txt = f'<div class="txt">{esc(clip_text(text))}</div>' if text else ""
-    return Safe(f'<div class="card{" wide" if wide else ""}">{imgs}<div class="tok">{esc(title)}</div>{small}{txt}</div>')
+    return Safe(f'<div class="card">{imgs}<div class="tok">{esc(title)}</div>{small}{txt}</div>')
 
 
 def row_card(ctx, ref: dict, extra: str) -> Safe:
@@ -114,7 +116,7 @@ def render_breakdowns(ctx, limit: int = 25) -> Safe:
         body = [[r["method"], r["refine"], r["key"], r["rows"], *[r[m] for m in BREAKDOWN_METRICS]] for r in shown]
         more = f" (top {limit} of {len(rows)} by rows; all in summary.parquet)" if len(rows) > limit else ""
         parts.append(f"<h3>per {esc(dim)}{esc(more)}</h3>" + _wrap(table(
-            ["method", "refine", dim, "rows", *[LABELS.get(m, m) for m in BREAKDOWN_METRICS]], body)))
+            ["method", "refine", dim, "rows", *[ROW_LABELS.get(m, m) for m in BREAKDOWN_METRICS]], body)))
     note = "Means of the per-row scores over explained rows (F3 column = per-row F3); null values are not counted."
     return section("breakdowns", "Breakdowns", Safe("".join(parts)), note)
 
@@ -124,9 +126,11 @@ def render_histograms(ctx) -> Safe:
     if not len(sample.p):
         return section("histograms", "Histograms", Safe('<p class="note">No explained rows.</p>'))
     names = [f"{m}/{r}" for (m, r) in sorted(ctx.scan.boot.index, key=ctx.scan.boot.index.get)]
-    img = histograms(sample.x, sample.g, names, list(BOOT_METRICS))
+    cols = [BOOT_METRICS.index(m) for m in HIST_METRICS]
+    img = histograms(sample.x[:, cols], sample.g, names, list(HIST_METRICS))
     note = (f"Per-row scores of a uniform random sample of {len(sample.p):,} of {ctx.summary['explained_rows']:,} "
-            "explained rows (f3 = per-row F3; map_top10/map_entropy computed from the maps).")
+            "explained rows (f3 = per-row F3; map_top10 = share of map mass in its top 10% cells); one line per "
+            "(method, refine). Binary scores (pointing) are in the headline only.")
     return section("histograms", "Histograms", img_tag(img, "histograms of per-row scores", "hist"), note)
 
 
@@ -150,7 +154,7 @@ def render_steps(ctx) -> Safe:
     body = [[r["method"], r["refine"], r["key"], r["rows"], *[r[m] for m in BREAKDOWN_METRICS]]
             for r in sorted(bd, key=lambda r: (r["method"], r["refine"], r["key"]))]
     parts.append("<h3>per step</h3>" + _wrap(table(["method", "refine", "step", "rows",
-                                                    *[LABELS.get(m, m) for m in BREAKDOWN_METRICS]], body)))
+                                                    *[ROW_LABELS.get(m, m) for m in BREAKDOWN_METRICS]], body)))
     return section("steps", "Steps", Safe("".join(parts)), "Maps of the same word across denoising steps.")
 
 
@@ -185,7 +189,7 @@ def render_drift(ctx) -> Safe:
             "token_index, step); 95% bootstrap intervals over the pairs. map L1 / 1-cos: distance between the "
             "paired maps.")
     return section("drift", "Drift", Safe(top + tab + "<h3>Maps that moved most (1 - cosine)</h3>"
-                                          f'<div class="grid">{cards}</div>'), note)
+                                          f'<div class="grid wide">{cards}</div>'), note)
 
 
 def _moved_card(ctx, it: dict) -> Safe:
@@ -196,5 +200,5 @@ def _moved_card(ctx, it: dict) -> Safe:
     lines = [f"{it['method']}/{it['refine']}" + ("" if it["step"] is None else f" \u00b7 step {it['step']}"),
              f"left: this run \u00b7 right: baseline", f"1-cos {it['score']:.3f} \u00b7 L1 {it['l1']:.3f}",
              f"IoU {fmt(it['obj_iou'])} vs {fmt(it['base_obj_iou'])}", f"{it['id']} (row {it['row_index']})"]
-    return card([a, b], str(it["token"]), lines, wide=True)
+    return card([a, b], str(it["token"]), lines)
 

@@ -32,14 +32,14 @@ table { border-collapse:collapse; font-size:12.5px; margin:4px 0 8px; }
 th, td { border-bottom:1px solid var(--line); padding:4px 8px; text-align:left; vertical-align:top; }
 th { background:#f2f4f7; font-weight:600; position:sticky; top:0; }
 tbody tr:nth-child(even) { background:#fafbfc; }
-td small, .card small { color:var(--muted); display:block; font-size:11px; }
+td small, .card small { color:var(--muted); display:block; font-size:11px; overflow-wrap:anywhere; }
 td b { font-variant-numeric:tabular-nums; }
 .na { color:#98a2b3; }
 td.err, .err { color:var(--bad); font-family:ui-monospace,Menlo,Consolas,monospace; font-size:12px;
                word-break:break-word; max-width:640px; }
-.grid { display:flex; flex-wrap:wrap; gap:10px; }
-.card { width:172px; border:1px solid var(--line); border-radius:8px; padding:6px; background:#fff; font-size:12px; }
-.card.wide { width:330px; }
+.grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(146px, 1fr)); gap:10px; }
+.grid.wide { grid-template-columns:repeat(auto-fill, minmax(300px, 1fr)); }
+.card { border:1px solid var(--line); border-radius:8px; padding:6px; background:#fff; font-size:12px; min-width:0; }
 .card img { display:block; width:100%; height:auto; border-radius:4px; image-rendering:auto; }
 .card .pair { display:flex; gap:4px; }
 .card .pair img { width:50%; }

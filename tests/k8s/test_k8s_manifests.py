@@ -84,9 +84,23 @@ def runner_script() -> str:
     return container["args"][0]
 
 
+def template_values(audit_id: str, values: dict[str, str]) -> dict[str, str]:
+    """What the runner substitutes: the params plus the id and the derived actor count."""
+    out = {"AUDIT_ID": audit_id, **values}
+    out["DCAM_GPU_ACTORS"] = str(int(out["DCAM_MAX_GPU_WORKERS"]) * int(out["DCAM_GPUS_PER_WORKER"]))
+    return out
+
+
 def rendered_template(audit_id: str = "audit-20260115-0200", **overrides: str) -> dict:
-    values = {"AUDIT_ID": audit_id, **params(), **overrides}
-    return yaml.safe_load(checks.render_template(template_text(), values))
+    values = template_values(audit_id, {**params(), **overrides})
+    return checks.yaml_load(checks.render_template(template_text(), values))
+
+
+def dcam_args(entrypoint: str) -> dict[str, str]:
+    """`dcam run k=v ...` -> {k: v} (a `$(...)` shell substitution counts as one word)."""
+    words = re.sub(r"\$\([^)]*\)", "SUBST", entrypoint).split()
+    assert words[:2] == ["dcam", "run"], entrypoint
+    return dict(w.split("=", 1) for w in words[2:])
 
 
 # ---------------------------------------------------------------------------
@@ -252,9 +266,29 @@ def test_rayjob_audit_is_retry_safe():
     assert spec["activeDeadlineSeconds"] > 0 and spec["preRunningDeadlineSeconds"] > 0
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert "deletionStrategy" not in spec
-    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+    assert isinstance(checks.yaml_load(spec["runtimeEnvYAML"]), dict)
     text = (K8S / "rayjob-audit.yaml").read_text()
     assert "resume" in text and "backoffLimit" in text  # the comment explaining why retries are safe
+
+
+def _rayjob_specs() -> list[tuple[str, dict]]:
+    return [("rayjob-audit.yaml", by_kind(docs_of("rayjob-audit.yaml"), "RayJob")["spec"]),
+            ("raycronjob-audit.yaml", by_kind(docs_of("raycronjob-audit.yaml"), "RayCronJob")["spec"]["jobTemplate"]),
+            ("cronjob-audit.yaml template", rendered_template()["spec"])]
+
+
+@pytest.mark.parametrize("where, spec", _rayjob_specs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_entrypoint_uses_the_gpus_it_asks_for(where, spec):
+    """One ProbeActor per GPU, and as many actors as the GPU group can hold:
+    the actors' GPU demand is what makes the autoscaler add GPU pods."""
+    args = dcam_args(spec["entrypoint"])
+    gpu = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"][0]
+    per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert args["actors.num_gpus"] == "1"
+    assert int(args["actors.pool_max"]) == gpu["maxReplicas"] * per_pod
+    assert 1 <= int(args["actors.pool_min"]) <= int(args["actors.pool_max"])
+    assert args["report.fail_under"] and args["output"].startswith("s3://")
+    assert args["output"].endswith("/")
 
 
 def test_raycronjob_documents_alpha_gate():
@@ -294,7 +328,8 @@ def test_rayjob_template_renders_to_a_valid_rayjob():
     placeholders = set(re.findall(r"__([A-Z][A-Z0-9_]*)__", text))
     script_vars = set(re.search(r'render_vars="([^"]+)"', runner_script()).group(1).split())
     assert placeholders == script_vars, "template placeholders and the runner's list differ"
-    assert placeholders - {"AUDIT_ID"} <= set(params()), "every placeholder needs a default in dcam-audit-params"
+    derived = {"AUDIT_ID", "DCAM_GPU_ACTORS"}  # computed by the runner
+    assert placeholders - derived <= set(params()), "every placeholder needs a default in dcam-audit-params"
     # The longest id the runner can produce: audit- + 30 characters of a Job name.
     for audit_id in ("audit-20260115-0200", "audit-" + "j" * 30):
         job = rendered_template(audit_id)
@@ -305,6 +340,7 @@ def test_rayjob_template_renders_to_a_valid_rayjob():
     overlay = rendered_template(DCAM_GPUS_PER_WORKER="2", DCAM_MAX_GPU_WORKERS="3")
     gpu = overlay["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert gpu["maxReplicas"] == 3
+    assert dcam_args(overlay["spec"]["entrypoint"])["actors.pool_max"] == "6"
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
 
@@ -397,7 +433,7 @@ def test_runner_creates_dated_rayjob_and_passes(run_runner):
     # 29400000 minutes after the epoch = 2025-11-24 16:00 UTC.
     proc, state = run_runner(states=["", "Initializing/", "Running/RUNNING", "Complete/SUCCEEDED"])
     assert proc.returncode == 0, proc.stderr
-    created = yaml.safe_load(state["created"])
+    created = checks.yaml_load(state["created"])
     assert created["metadata"]["name"] == "dcam-audit-20251124-1600"
     assert "output=s3://dcam-audits/audits/audit-20251124-1600/" in created["spec"]["entrypoint"]
     assert checks.check_document(created) == []
@@ -428,7 +464,7 @@ def test_runner_exit_1_on_other_failures(run_runner):
 def test_runner_manual_run_uses_job_name(run_runner):
     proc, state = run_runner(job_name="dcam-audit-rerun-jan")
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(state["created"])["metadata"]["name"] == "dcam-audit-dcam-audit-rerun-jan"
+    assert checks.yaml_load(state["created"])["metadata"]["name"] == "dcam-audit-dcam-audit-rerun-jan"
 
 
 def test_runner_prunes_old_rayjobs(run_runner):
@@ -443,6 +479,21 @@ def test_runner_refuses_unsafe_values(run_runner, bad):
     proc, state = run_runner(DCAM_INPUT=bad)
     assert proc.returncode == 1
     assert state["created"] is None and "DCAM_INPUT" in proc.stderr
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("DCAM_GPUS_PER_WORKER", "two", "positive integer"), ("DCAM_MAX_GPU_WORKERS", "0", "positive integer"),
+    ("DCAM_KEEP_RAYJOBS", "", "positive integer"), ("DCAM_WAIT_TIMEOUT_SECONDS", "1h", "non-negative integer")])
+def test_runner_checks_numeric_params(run_runner, key, value, reason):
+    proc, state = run_runner(**{key: value})
+    assert proc.returncode == 1 and f"{key} must be a {reason}" in proc.stderr
+    assert state["created"] is None
+
+
+def test_runner_needs_job_name(run_runner):
+    proc, state = run_runner(job_name="")
+    assert proc.returncode != 0 and "JOB_NAME" in proc.stderr
+    assert state["created"] is None
 
 
 def test_runner_times_out(run_runner):
@@ -461,7 +512,7 @@ def kustomize(path: Path, *extra: str) -> list[dict]:
     proc = subprocess.run([kubectl, "kustomize", *extra, str(path)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return [d for d in yaml.load_all(proc.stdout, Loader=checks._Loader) if d]
 
 
 def test_kustomize_base_renders_valid():
@@ -475,7 +526,7 @@ def test_kustomize_base_renders_valid():
 def test_kustomize_overlay_sets_environment_values():
     docs = kustomize(K8S / "overlays" / "example", "--load-restrictor", "LoadRestrictionsNone")
     assert checks.check_documents(docs) == []
-    overlay = yaml.safe_load((K8S / "overlays" / "example" / "kustomization.yaml").read_text())
+    overlay = checks.yaml_load((K8S / "overlays" / "example" / "kustomization.yaml").read_text())
     literals = dict(x.split("=", 1) for x in overlay["configMapGenerator"][0]["literals"])
     cm = by_kind(docs, "ConfigMap", "dcam-audit-params")["data"]
     for key, value in literals.items():
@@ -494,7 +545,7 @@ def test_kustomize_overlay_sets_environment_values():
     assert binding["subjects"][0]["namespace"] == overlay["namespace"]
     # the template a scheduled run renders from the overlay's values is valid too
     template = by_kind(docs, "ConfigMap", "dcam-audit-rayjob-template")["data"]["rayjob"]
-    job = yaml.safe_load(checks.render_template(template, {"AUDIT_ID": "audit-20260115-0330", **cm}))
+    job = checks.yaml_load(checks.render_template(template, template_values("audit-20260115-0330", cm)))
     assert checks.check_document(job) == []
 
 

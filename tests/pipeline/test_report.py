@@ -21,7 +21,7 @@ from pipeline.report_template import SECTIONS
 from pipeline.storage import open_fs
 
 XSS = "<script>alert(1)</script>"
-FAST = dict(resamples=100, log=lambda m: None)
+FAST = dict(resamples=100, k=3, log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def report(run, tmp_path_factory):
 
 
 def _args(run, out, **kw):
-    d = dict(run_dir=run, baseline=None, fail_under=None, out=str(out), json=True, overrides=["resamples=50"])
+    d = dict(run_dir=run, baseline=None, fail_under=None, out=str(out), json=True, overrides=["resamples=50", "k=2"])
     d.update(kw)
     return argparse.Namespace(**d)
 
@@ -87,6 +87,17 @@ def test_headline_figures_match_an_independent_computation(run, report):
         assert r["metrics"]["f3"]["mean"] == pytest.approx(f3_aggregate(iou.mean(), con.mean(), conc.mean()))
         assert r["metrics"]["f3_mean"]["mean"] == pytest.approx(np.array(sel["f3"].to_pylist(), float).mean())
     assert s["inputs"] == 10 and s["ok"] == 8 and sum(s["errors"].values()) == 2
+
+
+def test_galleries_show_each_sample_word_once(report):
+    _, s, _ = report
+    for name, items in s["galleries"].items():
+        groups = [(it["shard"], it["row_index"], it["token_index"]) for it in items]
+        assert len(items) == 3 and len(set(groups)) == len(groups), name  # 3 steps x 2 methods per word collapse
+    worst, best = s["galleries"]["worst"], s["galleries"]["best"]
+    assert [it["score"] for it in worst] == sorted(it["score"] for it in worst)
+    assert [it["score"] for it in best] == sorted((it["score"] for it in best), reverse=True)
+    assert best[0]["score"] >= worst[-1]["score"]
 
 
 def test_bootstrap_is_seeded_and_deterministic(run):
