@@ -33,8 +33,8 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_PROMPT_CHARS = 2000
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_OBJECT_ID = 65535
-DECODED_COLUMNS = ("id", "shard", "row_index", "prompt", "response", "objects", "pixels", "height", "width",
-                   "mask_pixels", "status", "error", "error_kind", "notes")
+DECODED_COLUMNS = ("id", "shard", "row_index", "prompt", "response", "objects", "explain", "pixels", "height",
+                   "width", "mask_pixels", "status", "error", "error_kind", "notes")
 
 
 class DecodeError(Exception):
@@ -51,7 +51,7 @@ def decoded_schema():
 
     return pa.schema([("id", pa.string()), ("shard", pa.string()), ("row_index", pa.int64()),
                       ("prompt", pa.string()), ("response", pa.string()), ("objects", pa.string()),
-                      ("pixels", pa.large_binary()), ("height", pa.int32()), ("width", pa.int32()),
+                      ("explain", pa.string()), ("pixels", pa.large_binary()), ("height", pa.int32()), ("width", pa.int32()),
                       ("mask_pixels", pa.large_binary()), ("status", pa.string()), ("error", pa.string()),
                       ("error_kind", pa.string()), ("notes", pa.string())])
 
@@ -275,6 +275,7 @@ class DecodeStage:
                 "prompt": prompt if isinstance(prompt, str) else "",
                 "response": response if isinstance(response, str) else None,
                 "objects": raw.get("objects") if isinstance(raw.get("objects"), str) else None,
+                "explain": raw.get("explain") if isinstance(raw.get("explain"), str) else None,
                 "pixels": b"", "height": 0, "width": 0, "mask_pixels": None, "status": "error",
                 "error": redact(message, self._secrets), "error_kind": kind, "notes": ";".join(notes)}
 
@@ -303,7 +304,8 @@ class DecodeStage:
             mask_pixels = mask.astype("<u2").tobytes()
         return {"id": _str_or(raw.get("id"), ""), "shard": _str_or(raw.get("shard"), ""),
                 "row_index": int(raw.get("row_index") or 0), "prompt": prompt, "response": response,
-                "objects": objects, "pixels": pixels.tobytes(), "height": h, "width": w,
+                "objects": objects, "explain": raw.get("explain") if isinstance(raw.get("explain"), str) else None,
+                "pixels": pixels.tobytes(), "height": h, "width": w,
                 "mask_pixels": mask_pixels, "status": "ok", "error": None, "error_kind": None,
                 "notes": ";".join(notes)}
 

@@ -80,6 +80,8 @@ def ensure_ray(d: dict) -> None:
         ray.init(address=address, logging_level="ERROR")
         return
     kwargs = dict(include_dashboard=False, logging_level="ERROR", object_store_memory=r.get("object_store_memory"))
+    if r.get("temp_dir"):
+        kwargs["_temp_dir"] = str(r["temp_dir"])
     for k in ("num_cpus", "num_gpus"):
         if r.get(k) is not None:
             kwargs[k] = r[k]
@@ -165,6 +167,9 @@ def run_job(cfg, log=print) -> dict:
     d = to_dict(cfg)
     h = config_hash(cfg)
     so = d.get("storage") or {}
+    from actors.models.loading import preflight
+
+    preflight(d["model"].get("source"), bool(d["model"].get("trust_remote_code", False)))
     run = RunDir(d["output"], so)
     input_url = d["input"] or synthesise_default(run, d, log)
     shards = list_shards(input_url, d["format"], so)

@@ -50,7 +50,7 @@ from pipeline.storage import (StorageError, describe_error, join_url, open_fs, r
 
 FORMATS = ("parquet", "webdataset", "img2dataset_parquet", "jsonl", "csv", "coco")
 RAW_COLUMNS = ("id", "shard", "row_index", "image", "image_uri", "prompt", "response", "mask", "objects",
-               "status", "error", "error_kind")
+               "explain", "status", "error", "error_kind")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 MAX_OBJECT_ID = 65535
 _EXTS = {"parquet": (".parquet",), "img2dataset_parquet": (".parquet",), "webdataset": (".tar",),
@@ -376,9 +376,24 @@ def _record_row(rec: dict, ctx: _Ctx) -> dict:
     row = {"id": as_text(rec.get(id_f), "id") if id_f else None,
            "prompt": as_text(rec.get(prompt_f), "prompt") if prompt_f else None,
            "response": as_text(rec.get(resp_f), "response") if resp_f else None,
-           "mask": _as_bytes(rec.get("mask"), "mask"), "objects": objects_json(rec.get("objects"))}
+           "mask": _as_bytes(rec.get("mask"), "mask"), "objects": objects_json(rec.get("objects")),
+           "explain": _explain_field(rec.get(ctx.source.get("explain_field") or "explain"))}
     row["image"], row["image_uri"] = _image_fields(rec, ctx)
     return row
+
+
+def _explain_field(value: Any) -> str | None:
+    """Words to explain, as a JSON list string (from a list, a JSON string or 'w1,w2')."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return json.dumps([as_text(v, "explain") for v in value])
+    text = as_text(value, "explain")
+    if text is None or not text.strip():
+        return None
+    if text.lstrip().startswith("["):
+        return json.dumps([str(w) for w in json.loads(text)])
+    return json.dumps([w.strip() for w in text.split(",") if w.strip()])
 
 
 def _image_fields(rec: dict, ctx: _Ctx) -> tuple[bytes | None, str | None]:

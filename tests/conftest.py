@@ -76,3 +76,18 @@ def ray_local(tmp_path_factory):
              logging_level="ERROR", _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tmp_path_factory):
+    """An untrained tiny checkpoint: pipeline wiring tests do not depend on map quality."""
+    import torch
+
+    from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    cfg = TinyDMLLMConfig()
+    TinyDMLLM(cfg).save_pretrained(d)
+    WordTokenizer(cfg.vocab).save_pretrained(str(d))
+    return str(d)

@@ -350,6 +350,14 @@ class DiffusionGemmaBackend(Backend):
             config=self.config, inputs_embeds=dummy, attention_mask=attention_mask.bool(), cache=cache,
             position_ids=position_ids, mm_token_type_ids=mm_token_type_ids)
 
+    def _positions(self, attention_mask: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder (B, T) and canvas (B, L) position ids that ignore left padding, so a padded row gets
+        exactly the positions it has alone (for an unpadded row: arange, as `generate` uses)."""
+        n = attention_mask.long().cumsum(-1)
+        enc = (n - 1).clamp(min=0).to(torch.int32)
+        dec = (n[:, -1:] + torch.arange(L, device=attention_mask.device)[None]).to(torch.int32)
+        return enc, dec
+
     def _decoder_masks(self, attention_mask, cache, L: int) -> dict:
         dummy = torch.empty((attention_mask.shape[0], L, 1), dtype=torch.long, device=attention_mask.device)
         return self.model.model.decoder.create_diffusion_decoder_attention_mask(
@@ -384,14 +392,13 @@ class DiffusionGemmaBackend(Backend):
         dev = self.device
         # 1.a encoder prefill into the KV cache (exactly the mixin's call)
         cache = self._new_cache()
-        enc_pos = torch.arange(T, dtype=torch.int32, device=dev)[None]
+        enc_pos, dec_pos = self._positions(inp["attention_mask"], L)
         masks = self._encoder_masks(inp["attention_mask"], inp["mm_token_type_ids"], cache, enc_pos)
         m.model.encoder(input_ids=inp["input_ids"], attention_mask=masks, cache=cache, position_ids=enc_pos,
                         pixel_values=inp["pixel_values"], image_position_ids=inp["image_position_ids"],
                         mm_token_type_ids=inp["mm_token_type_ids"])
         # 1.b denoiser inputs: a uniform random canvas per sample, from that sample's own generator
         dec_masks = self._decoder_masks(inp["attention_mask"], cache, L)
-        dec_pos = torch.arange(T, T + L, dtype=torch.int32, device=dev)[None]
         gens = [torch.Generator(device=dev).manual_seed(int(seed)) for _ in range(B)]
         canvas = torch.cat([torch.randint(0, V, (1, L), generator=g, device=dev) for g in gens])
         argmax, sc = canvas, None
@@ -520,10 +527,11 @@ class DiffusionGemmaBackend(Backend):
             uniq, inv = rows, torch.arange(n_rows, device=self.device)
         ids = inp["input_ids"][uniq]
         T = ids.shape[1]
-        pos = torch.arange(T, dtype=torch.int32, device=self.device)[None]
+        pos_u, _ = self._positions(inp["attention_mask"][uniq], L)
+        pos_n, dec_pos = self._positions(inp["attention_mask"][rows], L)
         cache = self._new_cache()
-        masks_u = self._encoder_masks(inp["attention_mask"][uniq], inp["mm_token_type_ids"][uniq], cache, pos)
-        masks_n = self._encoder_masks(inp["attention_mask"][rows], inp["mm_token_type_ids"][rows], cache, pos)
+        masks_u = self._encoder_masks(inp["attention_mask"][uniq], inp["mm_token_type_ids"][uniq], cache, pos_u)
+        masks_n = self._encoder_masks(inp["attention_mask"][rows], inp["mm_token_type_ids"][rows], cache, pos_n)
         split = min([self._split_of(h) for h in enc_hooks], default=self.n_layers)
         acts: dict[str, torch.Tensor] = {}
         handles = []
@@ -535,12 +543,13 @@ class DiffusionGemmaBackend(Backend):
             x = x.masked_scatter(img, feats.to(x.dtype))
             if image_keep is not None:  # a blanked image token keeps its position and type (mask), loses its content
                 x = torch.where(self._blank_positions(batch, rows, image_keep, T)[..., None], torch.zeros_like(x), x)
-            pe = {t: enc_lm.rotary_emb(x, pos, t) for t in enc_lm.unique_layer_types}
+            pe_u = {t: enc_lm.rotary_emb(x, pos_u, t) for t in enc_lm.unique_layer_types}
+            pe_n = {t: enc_lm.rotary_emb(x, pos_n, t) for t in enc_lm.unique_layer_types}
             types = self.text_config.layer_types
             h = x
             for i in range(split):
-                h = enc_lm.layers[i](h, position_embeddings=pe[types[i]], attention_mask=masks_u[types[i]],
-                                     position_ids=pos, cache=cache)
+                h = enc_lm.layers[i](h, position_embeddings=pe_u[types[i]], attention_mask=masks_u[types[i]],
+                                     position_ids=pos_u, cache=cache)
             for i in range(split):  # the cached K/V of the shared layers, one row per attribution row
                 cache.layers[i].batch_select_indices(inv)
         h = h[inv]
@@ -555,8 +564,8 @@ class DiffusionGemmaBackend(Backend):
                 handles.append(self._register(enc_lm.layers, hook, acts))
         try:
             for i in range(split, self.n_layers):
-                h = enc_lm.layers[i](h, position_embeddings=pe[types[i]], attention_mask=masks_n[types[i]],
-                                     position_ids=pos, cache=cache)
+                h = enc_lm.layers[i](h, position_embeddings=pe_n[types[i]], attention_mask=masks_n[types[i]],
+                                     position_ids=pos_n, cache=cache)
             if "final_norm" in enc_hooks:
                 acts["final_norm"] = enc_lm.norm(h)
             if grad and dec_hooks:  # start the graph at the decoder input too (registered first: it replaces the output)
@@ -567,7 +576,7 @@ class DiffusionGemmaBackend(Backend):
             filled = torch.where(canvas == NOISE, self._noise[None, :L].expand_as(canvas), canvas)
             out = m(decoder_input_ids=filled, cache=cache,
                     decoder_attention_mask=self._decoder_masks(inp["attention_mask"][rows], cache, L),
-                    decoder_position_ids=torch.arange(T, T + L, dtype=torch.int32, device=self.device)[None])
+                    decoder_position_ids=dec_pos)
         finally:
             for hd in handles:
                 hd.remove()
@@ -596,6 +605,9 @@ class DiffusionGemmaBackend(Backend):
         out = torch.zeros((len(rows), T), dtype=torch.bool, device=self.device)
         for k, i in enumerate(rows.tolist()):
             pos = torch.as_tensor(batch.spans[i].positions().reshape(-1), device=self.device)
+            if image_keep.shape[1] != len(pos):
+                raise ValueError(f"image_keep has {image_keep.shape[1]} cells per row; sample {i} has a "
+                                 f"{batch.spans[i].rows}x{batch.spans[i].cols} grid")
             out[k, pos] = ~image_keep[k].to(self.device).bool()
         return out
 

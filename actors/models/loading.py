@@ -115,3 +115,30 @@ def check_remote_code(local_dir: str, trust_remote_code: bool) -> None:
             raise CheckpointError(
                 f"checkpoint {local_dir} declares custom code in {name} (auto_map: {keys}); dcam does not execute "
                 "code from checkpoints unless model.trust_remote_code=true is set explicitly")
+
+
+def preflight(source: str | None, trust_remote_code: bool = False, storage_options: dict | None = None,
+              allowed_schemes=ALLOWED_SCHEMES) -> None:
+    """Cheap checks in the driver before any worker starts: scheme allowed, checkpoint present,
+    no remote code unless allowed. Reads config.json only (never copies the weights)."""
+    if not source:
+        return
+    scheme = _scheme(source)
+    if scheme not in allowed_schemes:
+        raise CheckpointError(f"model source scheme {scheme!r} is not allowed (allowed: {list(allowed_schemes)})")
+    if scheme in ("file", "local"):
+        path = source.split("://", 1)[-1]
+        if not os.path.isdir(path):
+            if "/" in path and not path.startswith((".", "/")) and len(path.split("/")) == 2:
+                return  # a hub id: resolved from the local cache by the worker
+            raise CheckpointError(f"checkpoint directory not found: {path}")
+        check_remote_code(path, trust_remote_code)
+        return
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    cfg_path = root.rstrip("/") + "/config.json"
+    if not fs.exists(cfg_path):
+        raise CheckpointError(f"no config.json under {source}")
+    cfg = json.loads(fs.cat_file(cfg_path))
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise CheckpointError(f"checkpoint {source} declares custom code (auto_map); dcam does not execute code from "
+                              "checkpoints unless model.trust_remote_code=true is set explicitly")

@@ -33,7 +33,7 @@ SIZE = (16, 12)  # PIL (width, height) of the ordinary test images
 OBJECTS = json.dumps([{"id": 1, "words": ["red", "square"], "category": "square", "bbox": [2, 2, 8, 8]}])
 SCHEMA = pa.schema([("id", pa.large_string()), ("image", pa.large_binary()), ("image_uri", pa.large_string()),
                     ("prompt", pa.large_binary()), ("response", pa.large_string()), ("mask", pa.large_binary()),
-                    ("objects", pa.large_string())])
+                    ("objects", pa.large_string()), ("explain", pa.large_string())])
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -112,6 +112,8 @@ def _rows(base_dir: str) -> list[tuple[dict, tuple[str, str]]]:
           "mask": mask_png((SIZE[1], SIZE[0]), ids=(1, 7))}, ("error", "mask")),
         ({"id": "bad_objects_json", "image": good, "prompt": b"describe the image", "objects": "[{\"id\": 1,"},
          ("error", "objects")),
+        ({"id": "explain_word_absent", "image": good, "prompt": b"describe the image", "response": "a red square",
+          "explain": "blue"}, ("ok", "")),
         ({"id": "good_png", "image": good, "prompt": b"describe the image"}, ("error", "duplicate_id")),
     ]
     return rows

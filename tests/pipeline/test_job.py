@@ -7,48 +7,16 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
-import torch
 
 from actors import scenes
-from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
 from pipeline.config import load_config
-from pipeline.job import DriverInterrupted, run_job
+from pipeline.job import DriverInterrupted
 from pipeline.synth import write_corpus
 
+from jobutil import FAST, _keys, _results, _run
+
 pytestmark = pytest.mark.slow
-
-FAST = ["probe.faithfulness_steps=2", "report.enabled=false", "probe.batch_size=8", "actors.num_gpus=1",
-        "ray.progress_bars=false"]
-
-
-@pytest.fixture(scope="module")
-def random_ckpt(tmp_path_factory):
-    """Untrained weights: the pipeline's wiring does not depend on map quality."""
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    cfg = TinyDMLLMConfig()
-    TinyDMLLM(cfg).save_pretrained(d)
-    WordTokenizer(cfg.vocab).save_pretrained(str(d))
-    return str(d)
-
-
-def _run(overrides, log=lambda m: None):
-    return run_job(load_config("run", overrides), log=log)
-
-
-def _results(url, storage_options=None):
-    from pipeline.manifest import RunDir
-
-    run = RunDir(url, storage_options or {})
-    return pads.dataset(run.path("results"), filesystem=run.fs, format="parquet").to_table()
-
-
-def _keys(t):
-    return sorted(zip(t["shard"].to_pylist(), t["row_index"].to_pylist(), t["method"].to_pylist(),
-                      t["token_index"].to_pylist(), t["step"].to_pylist()), key=str)
-
 
 def test_local_run_accounts_for_every_row_and_reads_without_ray(ray_local, tmp_path, random_ckpt):
     write_corpus(str(tmp_path / "in"), 20, 1100, 8, scenes.SceneConfig())
