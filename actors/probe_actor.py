@@ -42,7 +42,9 @@ class ProbeActor:
         n = len(batch["id"])
         out = {k: v for k, v in batch.items() if k not in PASSTHROUGH_DROP}
         payload = np.empty(n, dtype=object)
-        status, error, kind = batch["status"].astype(object), batch["error"].astype(object), batch["error_kind"].astype(object)
+        status = batch["status"].astype(object)
+        error = np.array([_opt_str(v) for v in batch["error"]], dtype=object)
+        kind = np.array([_opt_str(v) for v in batch["error_kind"]], dtype=object)
         probe_ms = np.zeros(n, dtype=np.float64)
         ok = [i for i in range(n) if status[i] == "ok"]
         t0 = time.perf_counter()
@@ -113,7 +115,11 @@ def _image(batch, i: int) -> np.ndarray:
 
 
 def _opt_str(v) -> str | None:
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else str(v)
+    """A text cell or None. Ray turns an all-null column into float NaN (np.float32, not a Python
+    float), so any non-string, non-bytes cell counts as missing."""
+    if isinstance(v, bytes):
+        v = v.decode("utf-8")
+    return v if isinstance(v, str) and v != "" else None
 
 
 def _words(v) -> list[str] | None:

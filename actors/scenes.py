@@ -32,7 +32,7 @@ TRAIN_SEEDS = (0, 1)  # 0: diffusion training stream, 1: vision-stem pretraining
 
 @dataclass(frozen=True)
 class SceneConfig:
-    size: int = 96
+    size: int = 64
     min_objects: int = 1
     max_objects: int = MAX_OBJECTS
     clutter: bool = True

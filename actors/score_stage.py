@@ -40,7 +40,7 @@ class RefineScoreStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         n = len(batch["id"])
-        payloads = [pickle.loads(p) if batch["status"][i] == "ok" and p is not None else None
+        payloads = [pickle.loads(p) if batch["status"][i] == "ok" and isinstance(p, (bytes, bytearray)) else None
                     for i, p in enumerate(batch["payload"])]
         refined = self._refine_all(payloads)
         records = np.empty(n, dtype=object)
@@ -154,7 +154,9 @@ def _s(batch, key, i):
     if key not in batch:
         return None
     v = batch[key][i]
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+    if isinstance(v, bytes):
+        v = v.decode("utf-8")
+    return v if isinstance(v, str) else None  # all-null columns arrive as float NaN
 
 
 def _f(batch, key, i) -> float:
@@ -162,7 +164,7 @@ def _f(batch, key, i) -> float:
 
 
 def _mask(batch, i: int):
-    if "mask_pixels" not in batch or batch["mask_pixels"][i] is None:
+    if "mask_pixels" not in batch or not isinstance(batch["mask_pixels"][i], (bytes, bytearray)):
         return None
     h, w = int(batch["height"][i]), int(batch["width"][i])
     return np.frombuffer(batch["mask_pixels"][i], dtype="<u2").reshape(h, w)

@@ -169,7 +169,12 @@ def run_job(cfg, log=print) -> dict:
     so = d.get("storage") or {}
     from actors.models.loading import preflight
 
-    preflight(d["model"].get("source"), bool(d["model"].get("trust_remote_code", False)))
+    source = d["model"].get("source")
+    if source is None and d["model"].get("backend", "tiny") == "tiny":
+        from actors.models.tiny_backend import SHIPPED_WEIGHTS
+
+        source = SHIPPED_WEIGHTS  # fail here, not inside every actor, if the package lacks its weights
+    preflight(source, bool(d["model"].get("trust_remote_code", False)))
     run = RunDir(d["output"], so)
     input_url = d["input"] or synthesise_default(run, d, log)
     shards = list_shards(input_url, d["format"], so)

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.report_scan import (ROW_METRICS, GroupBootstrap, TopK, f3_aggregate, interval, iter_batches, list_parts,
-                                  num, poisson_weights, sample_word_groups)
+from pipeline.report_scan import (BOOT_CHUNK, ROW_METRICS, GroupBootstrap, TopK, f3_aggregate, interval, iter_batches,
+                                  list_parts, num, poisson_weights, sample_word_groups)
 
 PAIR_KEY = ("shard", "row_index", "method", "token_index", "step")
 F3_PARTS = ("obj_iou", "contrast", "concentration")
@@ -36,6 +36,7 @@ def shard_table(fs, files: list[str], shard: str) -> pa.Table:
 def pair_rows(a: pa.Table, b: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Indices (ia, ib) of rows of `a` and `b` with equal PAIR_KEY, sorted by ia (deterministic)."""
     def keyed(t, name):
+        """PAIR_KEY columns (null step -> -1, nulls never join) plus a row-number column."""
         cols = {k: t.column(k) for k in PAIR_KEY}
         cols["step"] = pc.fill_null(cols["step"], -1)
         cols[name] = pa.array(np.arange(t.num_rows, dtype=np.int64))
@@ -77,11 +78,13 @@ class Drift:
         self.counts = dict(pairs=0, this_rows=0, base_rows=0, shards_paired=0, shards_this_only=0, shards_base_only=0)
 
     def run(self, this_fs, this_files: dict, base_fs, base_files: dict) -> "Drift":
+        """Pair every shard present in both runs ({shard: [files]} maps); returns self."""
         shared = sorted(set(this_files) & set(base_files), key=str)
         self.counts.update(shards_paired=len(shared), shards_this_only=len(set(this_files) - set(base_files)),
                            shards_base_only=len(set(base_files) - set(this_files)))
         for shard in shared:
-            self.add_shard(shard_table(this_fs, this_files[shard], shard), shard_table(base_fs, base_files[shard], shard))
+            self.add_shard(shard_table(this_fs, this_files[shard], shard),
+                           shard_table(base_fs, base_files[shard], shard))
         return self
 
     def add_shard(self, a: pa.Table, b: pa.Table) -> None:
@@ -98,12 +101,13 @@ class Drift:
         both = ~np.isnan(xa) & ~np.isnan(xb)
         xa, xb = np.where(both, xa, np.nan), np.where(both, xb, np.nan)
         l1, cos = map_distances(a.column("map"), b.column("map"))
-        codes = np.array([self.delta.code(k) for k in zip(a.column("method").to_pylist(), a.column("refine").to_pylist())])
+        keys = zip(a.column("method").to_pylist(), a.column("refine").to_pylist())
+        codes = np.array([self.delta.code(k) for k in keys])
         for key in self.delta.index:
             self.this.code(key), self.base.code(key)
         parts = [ROW_METRICS.index(p) for p in F3_PARTS]
-        for lo in range(0, len(codes), 4096):
-            s = slice(lo, lo + 4096)
+        for lo in range(0, len(codes), BOOT_CHUNK):
+            s = slice(lo, lo + BOOT_CHUNK)
             w = poisson_weights(self.rng, len(codes[s]), self.delta.b)
             self.delta.add(codes[s], np.column_stack([xa[s] - xb[s], l1[s], cos[s]]), w)
             self.this.add(codes[s], xa[s][:, parts], w)
@@ -118,7 +122,8 @@ class Drift:
             metrics = {}
             for j, m in enumerate(DRIFT_METRICS):
                 lo, hi = interval(reps[j])
-                metrics["f3_mean" if m == "f3" else m] = dict(delta=num(means[j]), lo=lo, hi=hi, n=int(self.delta.n[g][j]))
+                metrics["f3_mean" if m == "f3" else m] = dict(delta=num(means[j]), lo=lo, hi=hi,
+                                                              n=int(self.delta.n[g][j]))
             f3a, f3b = f3_aggregate(*self.this.means(g)), f3_aggregate(*self.base.means(g))
             lo, hi = interval(f3_aggregate(*self.this.replicates(g)) - f3_aggregate(*self.base.replicates(g)))
             metrics["f3"] = dict(delta=num(f3a - f3b), lo=lo, hi=hi, n=int(min(self.this.n[g])))
@@ -130,8 +135,8 @@ def _moved_item(a: pa.Table, b: pa.Table, i: int, l1: float) -> dict:
     """Gallery item of a pair: identity, both maps and both runs' Obj-IoU."""
     g = {c: a.column(c)[i].as_py() for c in ("shard", "row_index", "method", "refine", "token_index", "step", "id",
                                              "token", "map_h", "map_w")}
-    g["key"] = (g["shard"], g["row_index"], g["method"], g["refine"], -1 if g["token_index"] is None else g["token_index"],
-                -1 if g["step"] is None else g["step"])
+    g["key"] = (g["shard"], g["row_index"], g["method"], g["refine"],
+                -1 if g["token_index"] is None else g["token_index"], -1 if g["step"] is None else g["step"])
     g["group"] = (g["shard"], g["row_index"], g["token_index"])
     g.update(map=a.column("map")[i].as_py(), base_map=b.column("map")[i].as_py(),
              base_h=b.column("map_h")[i].as_py(), base_w=b.column("map_w")[i].as_py(), l1=float(l1),

@@ -80,6 +80,7 @@ def data_uri(img: Image.Image) -> str:
 
 
 def img_tag(img: Image.Image, alt: str, cls: str = "") -> Safe:
+    """<img> with the image inline as a PNG data URI (alt text escaped)."""
     return Safe(f'<img class="{esc(cls)}" alt="{esc(alt)}" src="{data_uri(img)}">')
 
 

@@ -1,6 +1,6 @@
 """Streaming, bounded-memory statistics over a run's result files (the engine of `dcam report`).
 
-One pass reads the result files batch by batch (pyarrow.dataset, only the scalar columns plus
+One pass reads the result files batch by batch (ParquetFile.iter_batches, only the scalar columns plus
 `map`; never thumbnails, prompts or raw maps) and feeds accumulators whose state does not grow
 with the number of rows:
 
@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.sinks import SCHEMA
 
@@ -39,7 +39,8 @@ KEY_COLS = ("shard", "row_index", "method", "refine", "token_index", "step")
 SCAN_COLS = ["id", "shard", "row_index", "token", "token_index", "word_type", "category", "method", "refine", "step",
              "status", "error", "error_kind", "model_id", "config_hash", *ROW_METRICS, "map"]
 BATCH_ROWS = 4096
-PARQUET = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+BOOT_CHUNK = 1024
+READ_BUFFER = 1 << 20
 
 
 def result_files(fs, root: str) -> list[str]:
@@ -56,10 +57,26 @@ def result_files(fs, root: str) -> list[str]:
 
 
 def iter_batches(fs, paths, columns, filter=None, batch_size: int = BATCH_ROWS):
-    """Record batches of `paths` (one file or a list) with only `columns`, streamed (no pre-buffering)."""
-    ds = pads.dataset(paths, filesystem=fs, format=PARQUET, schema=SCHEMA)
-    yield from ds.to_batches(columns=list(columns), filter=filter, batch_size=batch_size, batch_readahead=1,
-                             fragment_readahead=1)
+    """Record batches of `paths` (one file or a list) with only `columns` (in SCHEMA types; a column
+    missing from an older file comes back null), optionally filtered by a pyarrow expression.
+
+    Reads with ParquetFile.iter_batches through a small buffered stream, which decodes `batch_size`
+    rows at a time even inside a huge row group (the sink writes one row group per shard file), so
+    memory does not grow with the file."""
+    fields = [SCHEMA.field(c) for c in columns]
+    for path in [paths] if isinstance(paths, str) else paths:
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh, buffer_size=READ_BUFFER, pre_buffer=False)
+            have = [c for c in columns if c in set(pf.schema_arrow.names)]
+            for b in pf.iter_batches(batch_size=batch_size, columns=have, use_threads=False):
+                n = b.num_rows
+                arrays = [b.column(f.name).cast(f.type) if f.name in have else pa.nulls(n, f.type) for f in fields]
+                b = pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+                if filter is not None:
+                    b = pa.Table.from_batches([b]).filter(filter).combine_chunks()
+                    b = b.to_batches()[0] if b.num_rows else None
+                if b is not None and b.num_rows:
+                    yield b
 
 
 def col_np(batch, name: str) -> np.ndarray:
@@ -141,16 +158,17 @@ class GroupBootstrap:
 
     def add(self, codes: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
         """Rows with group `codes` (n,), values `x` (n, M) (NaN = missing) and weights `w` (n, B)."""
+        m = len(self.metrics)
         for g in np.unique(codes):
             sel = codes == g
             xg = x[sel]
             valid = ~np.isnan(xg)
             x0 = np.where(valid, xg, 0.0)
-            wg = w[sel]
             self.s[g] += x0.sum(0)
             self.n[g] += valid.sum(0)
-            self.rs[g] += x0.T.astype(np.float32) @ wg
-            self.rn[g] += valid.T.astype(np.float32) @ wg
+            r = w[sel].T @ np.concatenate([x0, valid], axis=1).astype(np.float32)  # (B, 2M), one GEMM
+            self.rs[g] += r[:, :m].T
+            self.rn[g] += r[:, m:].T
 
     def replicates(self, g: int) -> np.ndarray:
         """(M, B) replicate means (NaN where a replicate has no weight)."""
@@ -158,6 +176,7 @@ class GroupBootstrap:
             return np.where(self.rn[g] > 0, self.rs[g] / self.rn[g], np.nan)
 
     def means(self, g: int) -> np.ndarray:
+        """(M,) exact means of group g over its non-missing values (NaN when none)."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(self.n[g] > 0, self.s[g] / self.n[g], np.nan)
 
@@ -243,7 +262,7 @@ class Breakdowns:
         self.acc: dict[str, dict[tuple, np.ndarray]] = {d: {} for d in dims}
 
     def add(self, method: pa.Array, refine: pa.Array, dims: dict, x: dict) -> None:
-        """`dims`: name -> key array; `x`: metric -> float64 numpy (NaN = missing), all of one length."""
+        """Accumulate one batch. `dims`: name -> key array; `x`: metric -> float64 numpy (NaN = missing), all of one length."""
         cols = {"method": method, "refine": refine, "_one": pa.array(np.ones(len(method)))}
         for m in self.metrics:
             cols[m] = pa.array(x[m], from_pandas=True)
@@ -279,6 +298,7 @@ class Failures:
         self.examples, self.kinds = examples, {}
 
     def add(self, rows: list[dict]) -> None:
+        """Count error rows (dicts with id, shard, row_index, error, error_kind) and keep examples."""
         for r in rows:
             e = self.kinds.setdefault(r["error_kind"] or "error", dict(count=0, examples=[]))
             e["count"] += 1
@@ -286,6 +306,7 @@ class Failures:
                 e["examples"].append(dict(id=r["id"], shard=r["shard"], row_index=r["row_index"], error=r["error"]))
 
     def table(self) -> list[dict]:
+        """[{error_kind, count, examples}] most frequent first."""
         return [dict(error_kind=k, **v) for k, v in sorted(self.kinds.items(), key=lambda kv: (-kv[1]["count"], kv[0]))]
 
 
@@ -306,7 +327,8 @@ def fetch_rows(fs, files_by_shard: dict[str, list[str]], wanted: dict[str, set],
 
 def row_ref(t, i: int) -> dict:
     """Identity of row i of a batch: its sort/lookup key plus a few display fields."""
-    g = {c: t.column(c)[i].as_py() for c in ("shard", "row_index", "method", "refine", "token_index", "step", "id", "token")}
+    cols = ("shard", "row_index", "method", "refine", "token_index", "step", "id", "token")
+    g = {c: t.column(c)[i].as_py() for c in cols}
     g["key"] = (g["shard"] or "", g["row_index"], g["method"] or "", g["refine"] or "",
                 -1 if g["token_index"] is None else g["token_index"], -1 if g["step"] is None else g["step"])
     g["group"] = (g["shard"], g["row_index"], g["token_index"])
@@ -332,6 +354,7 @@ class RunScan:
         self.hashes: set = set()
 
     def scan(self, fs, files: list[str]) -> "RunScan":
+        """Read every result file once, batch by batch; returns self."""
         for path in files:
             ok_keys, shards = [], {}
             for batch in iter_batches(fs, path, SCAN_COLS):
@@ -371,7 +394,9 @@ class RunScan:
         codes = np.array([self.boot.code(k) for k in keys], np.int64)
         for g, c in zip(*np.unique(codes, return_counts=True)):
             self.group_rows[int(g)] = self.group_rows.get(int(g), 0) + int(c)
-        self.boot.add(codes, x, poisson_weights(self.rng, len(x), self.boot.b))
+        for lo in range(0, len(x), BOOT_CHUNK):  # weights are (rows x B): keep the block small
+            sl = slice(lo, lo + BOOT_CHUNK)
+            self.boot.add(codes[sl], x[sl], poisson_weights(self.rng, len(x[sl]), self.boot.b))
         self.sample.add(self.rng.random(len(x)), x, codes)
         col = {m: x[:, BOOT_METRICS.index(m)] for m in BOOT_METRICS}
         self.breakdowns.add(t.column("method"), t.column("refine"), {d: t.column(d) for d in BREAKDOWN_DIMS}, col)

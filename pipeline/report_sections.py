@@ -36,12 +36,14 @@ def headline_table(rows: list[dict], metrics) -> Safe:
 
 
 def render_headline(ctx) -> Safe:
+    """Counts, warnings and the per-(method, refine) headline tables."""
     s = ctx.summary
     warn = "".join(f'<div class="warn">{esc(w)}</div>' for w in s["warnings"])
     top = kpis([("input rows", s["inputs"]), ("ok", s["ok"]), ("errors", s["inputs"] - s["ok"]),
                 ("result rows", s["rows"]), ("explained rows", s["explained_rows"])])
     if not s["headline"]:
-        return section("headline", "Headline", Safe(warn + top + '<p class="note">No explained rows: nothing to score.</p>'))
+        empty = '<p class="note">No explained rows: nothing to score.</p>'
+        return section("headline", "Headline", Safe(warn + top + empty))
     body = (warn + top + "<h3>Localisation (needs masks)</h3>" + headline_table(s["headline"], LOCALISATION)
             + "<h3>Faithfulness and map shape</h3>" + headline_table(s["headline"], FAITHFULNESS))
     note = (f"Means over explained rows per (method, refine) with {s['bootstrap']['resamples']} bootstrap resamples "
@@ -75,12 +77,14 @@ def row_card(ctx, ref: dict, extra: str) -> Safe:
 
 
 def gallery(ctx, items: list[dict], label) -> Safe:
+    """A grid of row cards (`label(item)` is an extra caption line)."""
     if not items:
         return Safe('<p class="note">No rows.</p>')
     return Safe('<div class="grid">' + "".join(row_card(ctx, it, label(it)) for it in items) + "</div>")
 
 
 def render_galleries(ctx) -> Safe:
+    """Worst-k and best-k rows by Obj-IoU."""
     tops = ctx.scan.tops
     legend = Safe('<p class="legend">map: <i></i> low \u2192 high; white outline: the named object</p>')
     if not tops["worst"].items:
@@ -109,6 +113,7 @@ def render_label_free(ctx) -> Safe:
 
 
 def render_breakdowns(ctx, limit: int = 25) -> Safe:
+    """Per token, category, word_type and shard (top `limit` by rows)."""
     parts = []
     for dim in ("token", "category", "word_type", "shard"):
         rows = ctx.summary["breakdowns"].get(dim, [])
@@ -122,6 +127,7 @@ def render_breakdowns(ctx, limit: int = 25) -> Safe:
 
 
 def render_histograms(ctx) -> Safe:
+    """Histograms of per-row scores (from the bounded uniform sample)."""
     sample = ctx.scan.sample
     if not len(sample.p):
         return section("histograms", "Histograms", Safe('<p class="note">No explained rows.</p>'))
@@ -135,6 +141,7 @@ def render_histograms(ctx) -> Safe:
 
 
 def render_steps(ctx) -> Safe:
+    """Strips of per-step maps and the per-step table (when the run has several steps)."""
     if not ctx.scan.multistep:
         return section("steps", "Steps", Safe('<p class="note">No per-step maps in this run '
                                               '(run with probe.per_step=true for trajectory strips).</p>'))
@@ -145,9 +152,9 @@ def render_steps(ctx) -> Safe:
         if not rows:
             continue
         thumb, mask = ctx.images(shard, row_index)
-        figs = "".join(f'<figure>{img_tag(overlay(thumb, r["map"], r["map_h"], r["map_w"], mask, r["object_id"], px=96), "step")}'
-                       f'<figcaption>step {esc(r["step"])}<br>IoU {esc(fmt(r["obj_iou"]))}</figcaption></figure>'
-                       for r in rows)
+        figs = "".join(
+            f'<figure>{img_tag(overlay(thumb, r["map"], r["map_h"], r["map_w"], mask, r["object_id"], px=96), "step")}'
+            f'<figcaption>step {esc(r["step"])}<br>IoU {esc(fmt(r["obj_iou"]))}</figcaption></figure>' for r in rows)
         title = f"{rows[0]['token']} \u00b7 {method}/{rows[0]['refine']} \u00b7 {rows[0]['id']} (row {row_index})"
         parts.append(f"<h3>{esc(title)}</h3><div class=\"strip\">{figs}</div>")
     bd = ctx.summary["breakdowns"].get("step", [])
@@ -159,6 +166,7 @@ def render_steps(ctx) -> Safe:
 
 
 def render_failures(ctx) -> Safe:
+    """Error rows by error_kind with examples."""
     fails = ctx.summary["failures"]
     if not fails:
         return section("failures", "Failures", Safe('<p class="note">No error rows.</p>'))
@@ -172,17 +180,19 @@ def render_failures(ctx) -> Safe:
 
 
 def render_drift(ctx) -> Safe:
+    """Paired deltas against the baseline and the maps that moved most."""
     d = ctx.summary.get("drift")
     if not d:
-        return section("drift", "Drift", Safe('<p class="note">No baseline given (dcam report RUN --baseline OTHER_RUN).</p>'))
+        return section("drift", "Drift",
+                       Safe('<p class="note">No baseline given (dcam report RUN --baseline OTHER_RUN).</p>'))
     c = d["counts"]
     top = kpis([("paired rows", c["pairs"]), ("rows here", c["this_rows"]), ("rows in baseline", c["base_rows"]),
                 ("shards paired", c["shards_paired"]), ("shards only here", c["shards_this_only"]),
                 ("shards only in baseline", c["shards_base_only"])])
     metrics = ("obj_iou", "f3", "pointing", "energy", "contrast", "concentration", "deletion_auc", "insertion_auc",
                "map_l1", "map_cos")
-    body = [[r["method"], r["refine"], r["pairs"], *[interval_cell(r["metrics"].get(m), "delta", True) for m in metrics]]
-            for r in d["table"]]
+    body = [[r["method"], r["refine"], r["pairs"],
+             *[interval_cell(r["metrics"].get(m), "delta", True) for m in metrics]] for r in d["table"]]
     tab = _wrap(table(["method", "refine", "pairs", *[LABELS.get(m, m) for m in metrics]], body))
     cards = "".join(_moved_card(ctx, it) for it in ctx.drift.moved.items) or '<p class="note">No paired rows.</p>'
     note = (f"This run minus the baseline ({d['baseline']}), over rows paired on (shard, row_index, method, "

@@ -125,8 +125,9 @@ def write_synthetic_run(run_url: str, n_samples: int = 12, n_shards: int = 2, me
          records_table([_error_row(999, "s3://corpus/stray.parquet")]))
     fs.pipe_file(f"{root}/results/shard-998.synthhash01.parquet.tmp", b"not parquet")
     manifest = dict(version=1, config_hash="synthhash01", input="s3://corpus/", created="2024-01-01T00:00:00Z",
-                    shards=[dict(url=s, format="parquet", shard_key=f"shard-{k:03d}", rows=len(range(k, n_samples, n_shards)))
-                            for k, s in enumerate(shards)], total_rows=n_samples)
+                    shards=[dict(url=s, format="parquet", shard_key=f"shard-{k:03d}",
+                                 rows=len(range(k, n_samples, n_shards))) for k, s in enumerate(shards)],
+                    total_rows=n_samples)
     fs.pipe_file(f"{root}/manifest.json", json.dumps(manifest).encode())
     fs.pipe_file(f"{root}/_SUCCESS", b"")
     return run_url

@@ -26,7 +26,8 @@ p.note { color:var(--muted); margin:4px 0 10px; font-size:13px; }
 .kpi { border:1px solid var(--line); border-radius:8px; padding:8px 12px; min-width:120px; background:#fbfcfe; }
 .kpi b { display:block; font-size:20px; }
 .kpi span { color:var(--muted); font-size:12px; }
-.warn { background:#fffaeb; border:1px solid #fedf89; color:#7a2e0e; padding:8px 12px; border-radius:8px; margin:8px 0; }
+.warn { background:#fffaeb; border:1px solid #fedf89; color:#7a2e0e; padding:8px 12px; border-radius:8px;
+        margin:8px 0; }
 .tablewrap { overflow-x:auto; }
 table { border-collapse:collapse; font-size:12.5px; margin:4px 0 8px; }
 th, td { border-bottom:1px solid var(--line); padding:4px 8px; text-align:left; vertical-align:top; }

@@ -28,6 +28,7 @@ NOISE = re.compile(r"dbus|bus\.cc|Fontconfig|gpu_init|viz_main|angle|GLES|vaapi|
 
 
 def find_chromium() -> str:
+    """Path of the first Chromium-like binary on PATH (exits with an install hint if none)."""
     for name in BINARIES:
         path = shutil.which(name)
         if path:
@@ -55,6 +56,7 @@ def screenshot(html: str, out_png: str, size: str = "1400,3000", timeout: float 
 
 
 def main(argv=None) -> int:
+    """CLI entry point: screenshot, print the JSON result, exit 0 when the PNG exists."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("report_html")
     p.add_argument("out_png")

@@ -21,6 +21,16 @@ import types
 
 import pytest
 
+# One intra-op thread in the test process: Ray workers run beside it on 2 cores, and OpenMP
+# spin-waiting under oversubscription slows everything down by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
 FAKE_KEY = "dcam-test-access-key"
 FAKE_SECRET = "dcam-test-secret-not-real"
 REGION = "us-east-1"

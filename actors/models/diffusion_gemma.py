@@ -136,11 +136,18 @@ class ByteTokenizer:
 class DiffusionGemmaBackend(Backend):
     """Hook points: see the module docstring (`hook_points()` lists them)."""
 
-    def __init__(self, model, processor=None, tokenizer=None, image_processor=None, model_id: str = "diffusion-gemma",
-                 device: str = "cpu", gen_steps: int | None = None, t_min: float | None = None,
-                 t_max: float | None = None, entropy_bound: float | None = None, stability_threshold: int | None = None,
-                 confidence_threshold: float | None = None, response_len: int | None = None, noise_seed: int = 0,
-                 eos_id: int | None = None, max_soft_tokens: int | None = None, use_chat_template: bool = True):
+    def __init__(self, model, tokenizer=None, image_processor=None, chat_template: str | None = None,
+                 model_id: str = "diffusion-gemma", device: str = "cpu", gen_steps: int | None = None,
+                 t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
+                 stability_threshold: int | None = None, confidence_threshold: float | None = None,
+                 response_len: int | None = None, noise_seed: int = 0, eos_id: int | None = None,
+                 max_soft_tokens: int | None = None, use_chat_template: bool = True):
+        """tokenizer: a transformers tokenizer (None = ByteTokenizer, for tiny test models);
+        image_processor: a Gemma 4 image processor (None = Gemma4ImageProcessorPil from the vision config
+        with `max_soft_tokens`, default 280 as in the Gemma 4 processor); chat_template: a Jinja chat
+        template (None = the tokenizer's own, if any). Inputs are built the way Gemma4Processor builds them
+        (the template's image placeholder expanded to <boi> + n x <image> + <eoi>) without needing the
+        processor class itself (which needs torchvision for its video part)."""
         from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaForBlockDiffusion
 
         if not isinstance(model, DiffusionGemmaForBlockDiffusion):
@@ -154,21 +161,25 @@ class DiffusionGemmaBackend(Backend):
         self.n_layers = self.text_config.num_hidden_layers
         self.vocab_size = self.text_config.vocab_size
         self.image_token_id, self.boi_id, self.eoi_id = c.image_token_id, c.boi_token_id, c.eoi_token_id
-        self.processor = processor
-        self.tok = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
-        if self.tok is None:
-            self.tok = ByteTokenizer(self.boi_id, self.eoi_id, self.image_token_id, self.vocab_size)
+        self.tok = tokenizer if tokenizer is not None else ByteTokenizer(self.boi_id, self.eoi_id, self.image_token_id,
+                                                                         self.vocab_size)
         vc = c.vision_config
         self.pooling = vc.pooling_kernel_size
-        if image_processor is None:
-            image_processor = getattr(processor, "image_processor", None)
         if image_processor is None:
             from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
             image_processor = Gemma4ImageProcessorPil(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
-                                                      max_soft_tokens=max_soft_tokens or 70)
+                                                      max_soft_tokens=max_soft_tokens or 280)
+        elif max_soft_tokens:
+            image_processor.max_soft_tokens = int(max_soft_tokens)
         self.image_processor = image_processor
-        self.use_chat_template = use_chat_template and processor is not None and getattr(processor, "chat_template", None)
+        template = chat_template or getattr(self.tok, "chat_template", None)
+        self.chat_template = template if (use_chat_template and template and not isinstance(self.tok, ByteTokenizer)) else None
+        self._image_strs = None
+        if self.chat_template:
+            conv = self.tok.convert_ids_to_tokens
+            self._image_strs = (getattr(self.tok, "image_token", None) or conv(self.image_token_id),
+                                conv(self.boi_id), conv(self.eoi_id), conv(self.image_token_id))
 
         # generation parameters: the checkpoint's generation_config.json, then the mixin's defaults, then ours
         gc, _ = model._prepare_generation_config(None)
@@ -180,6 +191,11 @@ class DiffusionGemmaBackend(Backend):
         self.confidence_threshold = confidence_threshold if confidence_threshold is not None else gc.confidence_threshold
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.text_config.eos_token_id
         eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        if eos_id is None and self.chat_template and len(eos) > 1:
+            # an instruction model ends its answer with the end-of-turn token its chat template writes
+            in_template = [e for e in eos if (t := self.tok.convert_ids_to_tokens(e)) and t in self.chat_template
+                           and t != getattr(self.tok, "bos_token", None)]
+            eos_id = in_template[0] if in_template else None
         if eos_id is not None:
             eos = [int(eos_id)] + [e for e in eos if e != int(eos_id)]
         if not eos:
@@ -227,6 +243,8 @@ class DiffusionGemmaBackend(Backend):
             raise CheckpointError(f"checkpoint {source} has model_type {model_type!r}; the diffusion_gemma backend "
                                   "loads DiffusionGemma checkpoints (model_type 'diffusion_gemma')")
         kw = dict(local_files_only=True, dtype=dtype)
+        if str(device).startswith("cuda"):
+            kw["device_map"] = device  # load straight onto the GPU (no full copy in host memory first)
         if model_cfg.get("attn_implementation"):
             kw["attn_implementation"] = model_cfg["attn_implementation"]
         if trust:  # only ever on explicit request
@@ -236,7 +254,8 @@ class DiffusionGemmaBackend(Backend):
             model = AutoModelForMultimodalLM.from_pretrained(local, trust_remote_code=True, **kw)
         else:
             model = DiffusionGemmaForBlockDiffusion.from_pretrained(local, **kw)
-        processor, tokenizer = _load_processor(local, model, model_cfg.get("tokenizer", "auto"), trust)
+        tokenizer, image_processor, chat_template = _load_text_and_image_processing(
+            local, model, model_cfg.get("tokenizer", "auto"), trust)
         keys = ("gen_steps", "t_min", "t_max", "entropy_bound", "stability_threshold", "confidence_threshold",
                 "response_len", "eos_id", "max_soft_tokens")
         opts = {k: model_cfg[k] for k in keys if model_cfg.get(k) is not None}
@@ -244,7 +263,7 @@ class DiffusionGemmaBackend(Backend):
             opts["noise_seed"] = int(model_cfg["noise_seed"])
         if model_cfg.get("use_chat_template") is not None:
             opts["use_chat_template"] = bool(model_cfg["use_chat_template"])
-        return cls(model, processor=processor, tokenizer=tokenizer, device=device,
+        return cls(model, tokenizer=tokenizer, image_processor=image_processor, chat_template=chat_template, device=device,
                    model_id=model_cfg.get("model_id") or _default_model_id(source), **opts)
 
     # -- inputs -----------------------------------------------------------------------------
@@ -263,22 +282,24 @@ class DiffusionGemmaBackend(Backend):
             raise SampleError("image", f"image must be HxWx3, got shape {tuple(img.shape)}")
         pil = Image.fromarray(np.ascontiguousarray(img[..., :3]).astype(np.uint8))
         try:
-            if self.use_chat_template:
-                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-                text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                enc = self.processor(text=[text], images=[[pil]], return_tensors="pt")
-                ids = enc["input_ids"][0].tolist()
-                pv, pos = enc["pixel_values"], enc["image_position_ids"]
-            else:
-                feats = self.image_processor(images=[pil], return_tensors="pt")
-                pv, pos = feats["pixel_values"], feats["image_position_ids"]
-                n = int(feats["num_soft_tokens_per_image"][0])
-                ids = ([self.bos_id] if self.bos_id is not None else []) + [self.boi_id] + [self.image_token_id] * n \
-                    + [self.eoi_id] + self._encode_text(prompt)
-        except SampleError:
-            raise
-        except (ValueError, TypeError) as e:  # the processor refused this image / text
-            raise SampleError("image", f"preprocessing failed: {e}") from None
+            feats = self.image_processor(images=[pil], return_tensors="pt")
+        except (ValueError, TypeError) as e:  # the image processor refused this image
+            raise SampleError("image", f"image preprocessing failed: {e}") from None
+        pv, pos = feats["pixel_values"], feats["image_position_ids"]
+        n = int(feats["num_soft_tokens_per_image"][0])
+        if self.chat_template:
+            placeholder, boi, eoi, image = self._image_strs
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.tok.apply_chat_template(messages, chat_template=self.chat_template, add_generation_prompt=True,
+                                                tokenize=False)
+            if text.count(placeholder) != 1:
+                raise SampleError("prompt", f"the chat template rendered {text.count(placeholder)} image placeholders "
+                                            f"{placeholder!r} (expected 1; does the prompt contain one?)")
+            text = text.replace(placeholder, boi + image * n + eoi)  # Gemma4Processor.replace_image_token
+            ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        else:  # no template (tiny test models): <bos> <boi> <image> x n <eoi> prompt
+            ids = ([self.bos_id] if self.bos_id is not None else []) + [self.boi_id] + [self.image_token_id] * n \
+                + [self.eoi_id] + self._encode_text(prompt)
         valid = (pos[0] >= 0).all(-1)
         xy = pos[0][valid]
         rows, cols = (int(xy[:, 1].max()) + 1) // self.pooling, (int(xy[:, 0].max()) + 1) // self.pooling
@@ -322,14 +343,22 @@ class DiffusionGemmaBackend(Backend):
                 spans.append(ImageSpan(stream="encoder", start=int(where[0]) if len(where) else 0, rows=e["rows"],
                                        cols=e["cols"], index=where.reshape(e["rows"], e["cols"])))
         dtype = self.model.dtype
+        counts = torch.tensor([e["rows"] * e["cols"] for e in enc], dtype=torch.long)
+        D = self.text_config.hidden_size
         if enc:
             pv = torch.stack([e["pixel_values"] for e in enc]).to(self.device, dtype)
             pos = torch.stack([e["position_ids"] for e in enc]).to(self.device)
+            with torch.no_grad():  # the vision tower runs once per sample, never in an attribution graph
+                flat = self.model.model.encoder.get_image_features(pv, pos, return_dict=True).pooler_output
+            feats = torch.zeros((len(enc), int(counts.max()), D), dtype=flat.dtype, device=self.device)
+            feats[_valid(counts.to(self.device), feats.shape[1])] = flat
         else:
             pv, pos = torch.zeros(0, 1, 1, device=self.device, dtype=dtype), torch.zeros(0, 1, 2, dtype=torch.long)
+            feats = torch.zeros((0, 1, D), dtype=dtype, device=self.device)
         inputs = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device),
                   "mm_token_type_ids": (ids == self.image_token_id).long().to(self.device),
-                  "pixel_values": pv, "image_position_ids": pos.to(self.device)}
+                  "pixel_values": pv, "image_position_ids": pos.to(self.device),
+                  "image_features": feats, "image_counts": counts.to(self.device)}
         batch = PreparedBatch(inputs=inputs, spans=spans, prompts=[prompts[i] for i in keep],
                               given_ids=[e["response"] for e in enc], image_sizes=[e["size"] for e in enc],
                               source_index=keep)
@@ -395,7 +424,7 @@ class DiffusionGemmaBackend(Backend):
         enc_pos, dec_pos = self._positions(inp["attention_mask"], L)
         masks = self._encoder_masks(inp["attention_mask"], inp["mm_token_type_ids"], cache, enc_pos)
         m.model.encoder(input_ids=inp["input_ids"], attention_mask=masks, cache=cache, position_ids=enc_pos,
-                        pixel_values=inp["pixel_values"], image_position_ids=inp["image_position_ids"],
+                        mm_encoder_outputs={"image": self._image_outputs(inp)},
                         mm_token_type_ids=inp["mm_token_type_ids"])
         # 1.b denoiser inputs: a uniform random canvas per sample, from that sample's own generator
         dec_masks = self._decoder_masks(inp["attention_mask"], cache, L)
@@ -451,6 +480,14 @@ class DiffusionGemmaBackend(Backend):
         self.last_trace = {"inputs": torch.stack(in_rec), "accepted": torch.stack(acc_rec),
                            "tokens": torch.stack(tok_rec), "last_step": last}
         return Generation(ids=final, commit_step=commit, n_steps=N, source="generated" if forced is None else "given")
+
+    @staticmethod
+    def _image_outputs(inp: dict):
+        """The image soft tokens computed in `prepare`, in the form the encoder takes (`mm_encoder_outputs`)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        flat = inp["image_features"][_valid(inp["image_counts"], inp["image_features"].shape[1])]
+        return BaseModelOutputWithPooling(pooler_output=flat)
 
     def _stop(self, argmax, logits, history):
         """StableAndConfidentStoppingCriteria, row-wise (its state is the argmax history)."""
@@ -536,8 +573,7 @@ class DiffusionGemmaBackend(Backend):
         acts: dict[str, torch.Tensor] = {}
         handles = []
         with torch.no_grad():  # the graph starts at the hooked layer: the vision tower and lower layers are not explained
-            feats = m.model.encoder.get_image_features(inp["pixel_values"][uniq], inp["image_position_ids"][uniq],
-                                                       return_dict=True).pooler_output
+            feats = inp["image_features"][uniq][_valid(inp["image_counts"][uniq], inp["image_features"].shape[1])]
             x = enc_lm.embed_tokens(ids)
             img = (ids == self.image_token_id)[..., None]
             x = x.masked_scatter(img, feats.to(x.dtype))
@@ -621,8 +657,6 @@ class DiffusionGemmaBackend(Backend):
         token_id = int(token_id)
         if token_id == NOISE:
             return "<noise>"
-        if isinstance(self.tok, ByteTokenizer):
-            return self.tok.decode([token_id], skip_special_tokens=False)
         return self.tok.decode([token_id], skip_special_tokens=False)
 
     def decode(self, ids):
@@ -639,6 +673,11 @@ class DiffusionGemmaBackend(Backend):
         return None
 
 
+def _valid(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool: the first counts[b] slots of each row."""
+    return torch.arange(width, device=counts.device)[None] < counts[:, None]
+
+
 def _commit_steps(accepted: torch.Tensor, tokens: torch.Tensor, final: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """(B, L) commit step: the first step s from which the position was accepted with its final token
     at every step in [s, last) (so it sat in every later decoder input with that token); `last` (the
@@ -651,27 +690,41 @@ def _commit_steps(accepted: torch.Tensor, tokens: torch.Tensor, final: torch.Ten
     return commit
 
 
-def _load_processor(local: str, model, how: str, trust: bool):
-    """(processor or None, tokenizer or None). The processor (with its chat template) when the
-    checkpoint ships one; else a tokenizer; else (tiny test models) the byte tokenizer."""
+def _load_text_and_image_processing(local: str, model, how: str, trust: bool):
+    """(tokenizer, image_processor, chat_template) from a checkpoint directory; None parts fall back
+    to the backend's defaults. The tokenizer is required unless the vocabulary is tiny (test models:
+    ByteTokenizer) or `how == "byte"`."""
     if how == "byte":
-        return None, None
+        return None, None, None
     has_tok = any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES)
-    if has_tok:
-        from transformers import AutoProcessor, AutoTokenizer
+    if not has_tok:
+        vocab = model.config.get_text_config().vocab_size
+        if vocab > 4096:
+            from actors.models.loading import CheckpointError
+
+            raise CheckpointError(f"checkpoint {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); the byte "
+                                  "tokenizer fallback is only for tiny test models (set model.tokenizer=byte to force it)")
+        return None, None, None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=trust)
+    template = getattr(tok, "chat_template", None)
+    if not template and os.path.exists(os.path.join(local, "chat_template.jinja")):
+        with open(os.path.join(local, "chat_template.jinja")) as f:
+            template = f.read()
+    if not template and os.path.exists(os.path.join(local, "chat_template.json")):
+        with open(os.path.join(local, "chat_template.json")) as f:
+            template = json.load(f).get("chat_template")
+    image_processor = None
+    if any(os.path.exists(os.path.join(local, f)) for f in ("processor_config.json", "preprocessor_config.json")):
+        from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
         try:
-            return AutoProcessor.from_pretrained(local, local_files_only=True, trust_remote_code=trust), None
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            log.warning("no usable processor in %s (%s); using its tokenizer and the Gemma 4 image processor", local, e)
-            return None, AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=trust)
-    vocab = model.config.get_text_config().vocab_size
-    if vocab > 4096:
-        from actors.models.loading import CheckpointError
-
-        raise CheckpointError(f"checkpoint {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); the byte "
-                              f"tokenizer fallback is only for tiny test models (set model.tokenizer=byte to force it)")
-    return None, None
+            image_processor = Gemma4ImageProcessorPil.from_pretrained(local, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - the defaults from the vision config are used instead
+            log.warning("could not read the image processor config in %s (%s: %s); using the vision config's patch "
+                        "and pooling sizes", local, type(e).__name__, e)
+    return tok, image_processor, template
 
 
 def _default_model_id(source: str) -> str:

@@ -132,6 +132,8 @@ def preflight(source: str | None, trust_remote_code: bool = False, storage_optio
             if "/" in path and not path.startswith((".", "/")) and len(path.split("/")) == 2:
                 return  # a hub id: resolved from the local cache by the worker
             raise CheckpointError(f"checkpoint directory not found: {path}")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise CheckpointError(f"no config.json in checkpoint directory {path}")
         check_remote_code(path, trust_remote_code)
         return
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))

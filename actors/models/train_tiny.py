@@ -29,8 +29,8 @@ VALIDATION_SEED = 9000  # held out from training; eval-tiny and eval-cam use oth
 @dataclass
 class TrainConfig:
     seed: int = 0
-    threads: int = 2
-    image_size: int = 96
+    threads: int = 1
+    image_size: int = 64
     pretrain_steps: int = 1200
     pretrain_pool: int = 8000
     steps: int = 2000

@@ -117,7 +117,10 @@ def test_parts_and_tmp_files_are_ignored(run, report):
 
 
 def test_fail_under_missed_exits_2_with_the_reason(run, tmp_path, capsys):
-    code = main_report(_args(run, tmp_path, fail_under="obj_iou=0.99,deletion_auc=0.01"))
+    from pipeline.cli import main  # the real `dcam report` entry point
+
+    code = main(["report", run, "resamples=50", "k=2", "--fail-under", "obj_iou=0.99,deletion_auc=0.01",
+                 "--out", str(tmp_path), "--json"])
     out, err = capsys.readouterr()
     assert code == 2
     doc = json.loads(out)  # exactly one JSON object on stdout

@@ -21,7 +21,7 @@ def tiny():
     torch.set_num_threads(1)  # tiny matrices: one thread is several times faster on a shared 2-core box
     torch.manual_seed(0)
     model = DiffusionGemmaForBlockDiffusion(tiny_config()).eval()
-    yield DiffusionGemmaBackend(model, gen_steps=GEN_STEPS)
+    yield DiffusionGemmaBackend(model, gen_steps=GEN_STEPS, max_soft_tokens=70)
     torch.set_num_threads(threads)
 
 
@@ -268,7 +268,7 @@ def test_save_load_local_dir_and_s3_prefix(tiny, tmp_path, s3_bucket):
     for f in ck.iterdir():
         fs.put_file(str(f), f"{s3_bucket.name}/models/dg/{f.name}")
     for source in (str(ck), f"{s3_bucket.url}/models/dg"):
-        be = load_backend({"backend": "diffusion_gemma", "source": source, "gen_steps": GEN_STEPS,
+        be = load_backend({"backend": "diffusion_gemma", "source": source, "gen_steps": GEN_STEPS, "max_soft_tokens": 70,
                            "cache_dir": str(tmp_path / "cache"), "storage_options": opts, "device": "cpu"})
         assert isinstance(be, DiffusionGemmaBackend) and be.model.dtype == torch.float32
         assert all(not p.requires_grad for p in be.model.parameters())
@@ -303,3 +303,69 @@ def test_missing_source_and_foreign_checkpoints_are_refused(tiny, tmp_path):
     (ck / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type"):
         load_backend({"backend": "diffusion_gemma", "source": str(ck)})
+
+
+def _word_tokenizer(words, V):
+    """A tiny fast tokenizer with Gemma 4's image tokens and a chat template (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
+    for w in words:
+        vocab[w] = len(vocab)
+    vocab.update({"<|image>": V - 3, "<image|>": V - 2, "<|image|>": V - 1})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = ("{{ bos_token }}{% for m in messages %}<|turn> {{ m['role'] }} {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<|image|> {% else %}{{ c['text'] }} {% endif %}{% endfor %}<turn|> "
+                "{% endfor %}{% if add_generation_prompt %}<|turn> model {% endif %}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  additional_special_tokens=["<|image>", "<image|>", "<|image|>", "<|turn>", "<turn|>"])
+    tok.chat_template = template
+    return tok
+
+
+def test_checkpoint_tokenizer_and_chat_template_build_gemma4_inputs(tiny, tmp_path):
+    from actors.models import load_backend
+
+    words = ["<|turn>", "<turn|>", "user", "model", "describe", "the", "image", "red", "box", "a"]
+    ck = _save(tiny.model, tmp_path / "ck")
+    tok = _word_tokenizer(words, tiny.vocab_size)
+    tok.save_pretrained(str(ck))
+    gc = json.loads((ck / "generation_config.json").read_text())
+    gc["eos_token_id"] = [1, tok.convert_tokens_to_ids("<turn|>")]  # an IT checkpoint: <eos> and end-of-turn
+    (ck / "generation_config.json").write_text(json.dumps(gc))
+    be = load_backend({"backend": "diffusion_gemma", "source": str(ck), "gen_steps": GEN_STEPS, "max_soft_tokens": 70})
+    assert be.chat_template and not isinstance(be.tok, ByteTokenizer)
+    assert be.eos_id == tok.convert_tokens_to_ids("<turn|>") and set(be.eos_ids) == {1, be.eos_id}
+    assert not be.is_content(1) and not be.is_content(be.eos_id)
+    batch, errors = be.prepare(_images(2), ["describe the image", "describe <|image|>"], ["red box", None])
+    assert list(errors) == [1] and errors[1].kind == "prompt"  # a second image placeholder in the prompt
+    ids = batch.inputs["input_ids"][0].tolist()
+    t = be.tok.convert_tokens_to_ids
+    assert ids == ([2, t("<|turn>"), t("user"), be.boi_id] + [be.image_token_id] * 60 + [be.eoi_id]
+                   + [t(w) for w in ("describe", "the", "image", "<turn|>", "<|turn>", "model")])
+    assert batch.given_ids[0] == [t("red"), t("box")] and batch.spans[0].start == 4
+    forced = be.forced_trajectory(batch)
+    assert forced.ids[0, :3].tolist() == [t("red"), t("box"), be.eos_id]
+    res = explain_batch(be, _images(1), ["describe the image"], {"m": _mid(be)}, responses=["red box"])[0]
+    assert res.error is None and [m.token.strip() for m in res.maps["m"]] == ["red", "box"]
+    assert res.response == "red box"
+
+
+def test_every_method_preset_runs_with_faithfulness(tiny):
+    """The pipeline's presets (Diffusion-CAM, parity, Grad-CAM at the last step, LLaVA-CAM at mid_norm2,
+    TAM's logit lens at final_norm) on one given and one generated response, with deletion/insertion."""
+    from actors.methods import PRESETS, probe_config
+
+    methods = {name: probe_config(name, tiny, {"faithfulness_steps": 2}) for name in PRESETS}
+    assert methods["llava_cam"].hook == "encoder.layers.0.pre_ffn_norm" and methods["tam"].hook == "final_norm"
+    res = explain_batch(tiny, _images(2, shapes=((48, 80),)), PROMPTS[:2], methods, responses=["red", None])
+    assert res[0].response_source == "given" and res[1].response_source == "generated"
+    assert [m.token for m in res[0].maps["diffusion_cam"]] == ["r", "e", "d"]
+    for r in res:
+        assert r.error is None
+        for name in PRESETS:
+            for m in r.maps.get(name, []):
+                assert m.raw_map.shape == (6, 10) and np.isfinite(m.raw_map).all()
+                assert 0 <= m.deletion_auc <= 1 and 0 <= m.insertion_auc <= 1
