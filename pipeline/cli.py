@@ -42,9 +42,10 @@ def _emit(result: dict, as_json: bool, table: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command is None:
-        args = _parser().parse_args(["run", *(argv or sys.argv[1:])])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]  # `dcam` alone (or `dcam k=v ...`) is `dcam run`
+    args = _parser().parse_intermixed_args(argv)  # options and k=v overrides in any order
     from pipeline import commands
 
     handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))

@@ -127,15 +127,12 @@ def map_stats(col) -> tuple[np.ndarray, np.ndarray]:
 
 
 def f3_aggregate(obj_iou, contrast, concentration):
-    """The paper's F3: harmonic mean of mean Obj-IoU, min(max(mean contrast / 20, 0), 1) and mean
-    concentration (vectorised; 0 when any term is 0, NaN when any is NaN)."""
-    a = np.asarray(obj_iou, np.float64)
-    b = np.clip(np.asarray(contrast, np.float64) / 20.0, 0.0, 1.0)
-    c = np.asarray(concentration, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = 3.0 / (1.0 / a + 1.0 / b + 1.0 / c)
-        out = np.where((a <= 0) | (b <= 0) | (c <= 0), 0.0, out)
-    out = np.where(np.isnan(a) | np.isnan(b) | np.isnan(c), np.nan, out)
+    """The paper's F3 (actors.scores.f3_table, vectorised over bootstrap replicates): harmonic mean of
+    mean Obj-IoU, min(mean contrast / 20, 1) and mean concentration; 0 when any term is <= 0, NaN
+    when any is NaN. Returns a float for scalar input."""
+    from actors.scores import f3_table
+
+    out = np.asarray(f3_table(obj_iou, contrast, concentration), np.float64)
     return out if out.ndim else float(out)
 
 

@@ -40,7 +40,9 @@ def blob_map(cx: float, cy: float, sharp: float, rng: np.random.Generator, grid:
 
 def map_scores(m: np.ndarray, mask: np.ndarray, oid: int) -> dict:
     """Mask-based scores of a map (simplified versions of actors' scores, for synthetic data)."""
-    up = np.kron(m, np.ones((mask.shape[0] // m.shape[0],) * 2, np.float32))
+    iy = np.arange(mask.shape[0]) * m.shape[0] // mask.shape[0]  # nearest upsampling to any image size
+    ix = np.arange(mask.shape[1]) * m.shape[1] // mask.shape[1]
+    up = m[np.ix_(iy, ix)]
     obj, other = mask == oid, (mask > 0) & (mask != oid)
     hot = up >= 0.5 * up.max()
     iou = float((hot & obj).sum() / max(1, (hot | obj).sum()))

@@ -22,8 +22,9 @@ How dcam maps that onto the protocol
   first step from which it stayed accepted, with its final token, in every later step (the step whose
   prediction put it in the canvas for good); positions that never settle that way commit at the
   sample's last step (the argmax read-out). With that definition the canvas `Generation.state_before(s)`
-  builds (committed tokens kept, the rest replaced) is exactly the set of positions that held their
-  final token in the decoder input of step s (tested against the recorded inputs).
+  builds (committed tokens kept, the rest replaced) agrees with the real decoder input of step s at
+  every committed position (tested against the recorded inputs); positions that were accepted only
+  transiently at step s-1 are shown as noise.
 * "Not yet committed" positions: `mask_id` is the sentinel -1 (never a real token id). The attribution
   pass replaces it with a fixed uniform-noise canvas (seeded by `noise_seed`, the same for every
   sample), i.e. the model's own notion of an undecided position. The decoder runs with zero
@@ -51,10 +52,18 @@ named_hooks: mid = output of encoder layer n_layers//2 - 1; mid_norm2 = its pre-
 normalised residual stream after attention, the analogue of LLaMA's `post_attention_layernorm`
 that LLaVA-CAM hooks; Gemma's own `post_attention_layernorm` normalises the attention *delta*).
 
-Efficiency of the attribution pass: the encoder does not see the canvas, so everything below the
-hooked encoder layer runs once per distinct sample and without a graph; the hidden state is then
-expanded to one row per (sample, token) and the graph starts there (the vision tower is never in the
-graph, as in the tiny backend).
+Inputs are built as Gemma4Processor builds them (chat template with the user turn [image, prompt];
+the image placeholder expanded to <boi> + n x <image> + <eoi>; Gemma 4 image processor: aspect-ratio
+resize, 16-px patches, k x k average pooling into row-major soft tokens), from the checkpoint's
+tokenizer, chat template and image-processor config, without instantiating Gemma4Processor (its video
+part needs torchvision). Checkpoints without a tokenizer (the tiny random test model) use
+`ByteTokenizer` and the plain layout <bos> <boi> <image> x n <eoi> prompt.
+
+Cost: the vision tower runs once per sample, in `prepare` (its soft tokens are kept in the batch and
+fed to the encoder as `mm_encoder_outputs`); it is never in an attribution graph, as in the tiny
+backend. The encoder does not see the canvas, so in the attribution pass every layer below the hooked
+one runs once per distinct sample without a graph; the hidden state is then expanded to one row per
+(sample, token) and the graph starts there.
 """
 from __future__ import annotations
 
@@ -168,13 +177,15 @@ class DiffusionGemmaBackend(Backend):
         if image_processor is None:
             from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-            image_processor = Gemma4ImageProcessorPil(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
+            image_processor = Gemma4ImageProcessorPil(patch_size=vc.patch_size,
+                                                      pooling_kernel_size=vc.pooling_kernel_size,
                                                       max_soft_tokens=max_soft_tokens or 280)
         elif max_soft_tokens:
             image_processor.max_soft_tokens = int(max_soft_tokens)
         self.image_processor = image_processor
         template = chat_template or getattr(self.tok, "chat_template", None)
-        self.chat_template = template if (use_chat_template and template and not isinstance(self.tok, ByteTokenizer)) else None
+        usable = use_chat_template and template and not isinstance(self.tok, ByteTokenizer)
+        self.chat_template = template if usable else None
         self._image_strs = None
         if self.chat_template:
             conv = self.tok.convert_ids_to_tokens
@@ -263,8 +274,8 @@ class DiffusionGemmaBackend(Backend):
             opts["noise_seed"] = int(model_cfg["noise_seed"])
         if model_cfg.get("use_chat_template") is not None:
             opts["use_chat_template"] = bool(model_cfg["use_chat_template"])
-        return cls(model, tokenizer=tokenizer, image_processor=image_processor, chat_template=chat_template, device=device,
-                   model_id=model_cfg.get("model_id") or _default_model_id(source), **opts)
+        return cls(model, tokenizer=tokenizer, image_processor=image_processor, chat_template=chat_template,
+                   device=device, model_id=model_cfg.get("model_id") or _default_model_id(source), **opts)
 
     # -- inputs -----------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
@@ -307,8 +318,9 @@ class DiffusionGemmaBackend(Backend):
         if n_img != rows * cols:
             raise SampleError("image", f"{n_img} image tokens in the prompt but the soft-token grid is {rows}x{cols}")
         if len(ids) + self.response_len > self.text_config.max_position_embeddings:
-            raise SampleError("prompt", f"prompt + image take {len(ids)} tokens; with the {self.response_len}-token canvas "
-                                        f"that exceeds the model's {self.text_config.max_position_embeddings} positions")
+            limit = self.text_config.max_position_embeddings
+            raise SampleError("prompt", f"prompt + image take {len(ids)} tokens; with the {self.response_len}-token "
+                                        f"canvas that exceeds the model's {limit} positions")
         r = None
         if response is not None:
             r = self._encode_text(response)
@@ -515,8 +527,9 @@ class DiffusionGemmaBackend(Backend):
 
     def hook_stream(self, hook):
         if hook not in set(self.hook_points()):
+            parts = ",".join(LAYER_PARTS)
             raise KeyError(f"unknown hook point {hook!r}; known: encoder.embed, final_norm, decoder.embed, "
-                           f"decoder.final_norm, {{encoder,decoder}}.layers.<0..{self.n_layers - 1}>.{{{','.join(LAYER_PARTS)}}}")
+                           f"decoder.final_norm, {{encoder,decoder}}.layers.<0..{self.n_layers - 1}>.{{{parts}}}")
         return "decoder" if hook.startswith("decoder.") else "encoder"
 
     def _split_of(self, hook: str) -> int:
@@ -549,9 +562,10 @@ class DiffusionGemmaBackend(Backend):
             dead = [h for h in enc_hooks if not self._reaches_canvas(h)]
             if dead:
                 raise StructuralStateError(
-                    f"hook(s) {dead}: the DiffusionGemma decoder reads the encoder only through the K/V of each encoder "
-                    f"layer, so the encoder's last-layer output, its internals and the final norm never reach the canvas "
-                    f"logits (identically zero gradient); hook encoder.layers.<i>.out with i < {self.n_layers - 1}")
+                    f"hook(s) {dead}: the DiffusionGemma decoder reads the encoder only through the K/V of each "
+                    f"encoder layer, so the encoder's last-layer output, its internals and the final norm never reach "
+                    f"the canvas logits (identically zero gradient); hook encoder.layers.<i>.out with "
+                    f"i < {self.n_layers - 1}")
         rows = rows.to(self.device)
         canvas = canvas.to(self.device)
         if ((canvas < 0) & (canvas != NOISE)).any() or (canvas >= self.vocab_size).any():
@@ -572,7 +586,7 @@ class DiffusionGemmaBackend(Backend):
         split = min([self._split_of(h) for h in enc_hooks], default=self.n_layers)
         acts: dict[str, torch.Tensor] = {}
         handles = []
-        with torch.no_grad():  # the graph starts at the hooked layer: the vision tower and lower layers are not explained
+        with torch.no_grad():  # the graph starts at the hooked layer: vision tower and lower layers are not explained
             feats = inp["image_features"][uniq][_valid(inp["image_counts"][uniq], inp["image_features"].shape[1])]
             x = enc_lm.embed_tokens(ids)
             img = (ids == self.image_token_id)[..., None]
@@ -620,12 +634,12 @@ class DiffusionGemmaBackend(Backend):
 
     def _register(self, layers, hook: str, acts: dict):
         parts = hook.split(".")
-        stream = parts[0]
-        if hook == f"{stream}.embed":
+        if hook == "decoder.embed":  # (encoder.embed is always the graph's starting tensor itself)
             mod = self.model.model.decoder.self_conditioning
             return mod.register_forward_hook(lambda m_, a, out, k=hook: acts.__setitem__(k, out))
         if hook == "decoder.final_norm":
-            return self.model.model.decoder.norm.register_forward_hook(lambda m_, a, out, k=hook: acts.__setitem__(k, out))
+            return self.model.model.decoder.norm.register_forward_hook(
+                lambda m_, a, out, k=hook: acts.__setitem__(k, out))
         i, part = int(parts[2]), parts[3]
         layer = layers[i]
         if part == "in":
@@ -636,7 +650,8 @@ class DiffusionGemmaBackend(Backend):
         return mod.register_forward_hook(
             lambda m_, a, out, k=hook: acts.__setitem__(k, out[0] if isinstance(out, tuple) else out))
 
-    def _blank_positions(self, batch: PreparedBatch, rows: torch.Tensor, image_keep: torch.Tensor, T: int) -> torch.Tensor:
+    def _blank_positions(self, batch: PreparedBatch, rows: torch.Tensor, image_keep: torch.Tensor,
+                         T: int) -> torch.Tensor:
         """(N, T) bool: sequence positions of the image cells that image_keep blanks."""
         out = torch.zeros((len(rows), T), dtype=torch.bool, device=self.device)
         for k, i in enumerate(rows.tolist()):
@@ -702,8 +717,8 @@ def _load_text_and_image_processing(local: str, model, how: str, trust: bool):
         if vocab > 4096:
             from actors.models.loading import CheckpointError
 
-            raise CheckpointError(f"checkpoint {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); the byte "
-                                  "tokenizer fallback is only for tiny test models (set model.tokenizer=byte to force it)")
+            raise CheckpointError(f"checkpoint {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); the "
+                                  "byte tokenizer fallback is only for tiny test models (model.tokenizer=byte forces it)")
         return None, None, None
     from transformers import AutoTokenizer
 

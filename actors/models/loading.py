@@ -126,6 +126,9 @@ def preflight(source: str | None, trust_remote_code: bool = False, storage_optio
     scheme = _scheme(source)
     if scheme not in allowed_schemes:
         raise CheckpointError(f"model source scheme {scheme!r} is not allowed (allowed: {list(allowed_schemes)})")
+    if scheme == "hf":  # the local HF cache only: fsspec's hf:// would contact the hub
+        check_remote_code(resolve_checkpoint(source, allowed_schemes=allowed_schemes), trust_remote_code)
+        return
     if scheme in ("file", "local"):
         path = source.split("://", 1)[-1]
         if not os.path.isdir(path):
@@ -140,7 +143,16 @@ def preflight(source: str | None, trust_remote_code: bool = False, storage_optio
     cfg_path = root.rstrip("/") + "/config.json"
     if not fs.exists(cfg_path):
         raise CheckpointError(f"no config.json under {source}")
-    cfg = json.loads(fs.cat_file(cfg_path))
-    if cfg.get("auto_map") and not trust_remote_code:
-        raise CheckpointError(f"checkpoint {source} declares custom code (auto_map); dcam does not execute code from "
-                              "checkpoints unless model.trust_remote_code=true is set explicitly")
+    if trust_remote_code:
+        return
+    for name in REMOTE_CODE_CONFIGS:  # small JSON files only: the weights are never read here
+        path = root.rstrip("/") + "/" + name
+        if name != "config.json" and not fs.exists(path):
+            continue
+        try:
+            cfg = json.loads(fs.cat_file(path))
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {source}: unreadable {name}: {type(e).__name__}") from None
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            raise CheckpointError(f"checkpoint {source} declares custom code in {name} (auto_map); dcam does not "
+                                  "execute code from checkpoints unless model.trust_remote_code=true is set explicitly")

@@ -170,6 +170,14 @@ def test_drift_detects_moved_maps(run, tmp_path):
     assert drift.moved.items[0]["score"] >= drift.moved.items[-1]["score"] > 0
 
 
+def test_f3_is_the_papers_aggregation():
+    iou, con, conc = np.array([0.3, 0.3, 0.0, 0.3, 1.0, np.nan]), np.array([10, 45, 10, -4, 20, 3.0]), np.full(6, 0.5)
+    got = f3_aggregate(iou, con, conc)
+    want = [3 / (1 / 0.3 + 2 + 2), 3 / (1 / 0.3 + 1 + 2), 0.0, 0.0, 3 / (1 + 1 + 2)]
+    assert np.allclose(got[:5], want) and np.isnan(got[5])
+    assert f3_aggregate(0.3, 10, 0.5) == pytest.approx(want[0])
+
+
 def test_map_statistics_and_distances():
     flat, peak = np.ones(144, np.float32), np.zeros(144, np.float32)
     peak[7] = 1.0

@@ -257,8 +257,9 @@ def test_no_credential_in_any_output_or_log(s3_bucket, ray_local, random_ckpt, m
               f"storage.endpoint_url={fixture['endpoint_url']}", f"storage.region={fixture['region']}",
               f"storage.key={planted['s3_key']}", "storage.secret=${oc.env:DCAM_TEST_S3_SECRET}",
               "storage.retry_attempts=2", "storage.retry_base_delay=0.01", *WITH_REPORT], log=logs.append)
-    assert s["inputs"] == len(expected) and s["ok"] == sum(v == "ok" for v in expected.values()), s
     t = _results(f"{s3_bucket.url}/audit", so).to_pandas()
+    assert s["inputs"] == len(expected) and s["ok"] == sum(v == "ok" for v in expected.values()), \
+        (s["errors"], sorted(set(t[t.status == "error"].error_kind + ": " + t[t.status == "error"].error)))
     errors = t[t.status == "error"].set_index("id")
     assert set(errors.index) == {k for k, v in expected.items() if v == "error"}
     assert errors.loc["missing-object", "error_kind"] == "fetch" and "no-such-image.png" in errors.loc["missing-object", "error"]

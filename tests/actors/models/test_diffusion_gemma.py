@@ -224,6 +224,7 @@ def test_prepare_reports_bad_samples_and_metadata(tiny):
     images[2] = np.zeros((5,), dtype=np.uint8)
     batch, errors = tiny.prepare(images, PROMPTS, ["ok", "x" * 40, "fine", ""])
     assert sorted(errors) == [1, 2, 3] and batch.source_index == [0]
+    assert all(isinstance(e, SampleError) for e in errors.values())
     assert (errors[1].kind, errors[2].kind, errors[3].kind) == ("response", "image", "response")
     assert batch.spans[0].stream == "encoder" and (batch.spans[0].rows, batch.spans[0].cols) == (6, 10)
     ids = batch.inputs["input_ids"][0]
@@ -369,3 +370,16 @@ def test_every_method_preset_runs_with_faithfulness(tiny):
             for m in r.maps.get(name, []):
                 assert m.raw_map.shape == (6, 10) and np.isfinite(m.raw_map).all()
                 assert 0 <= m.deletion_auc <= 1 and 0 <= m.insertion_auc <= 1
+
+
+def test_conf_model_yaml_builds_the_backend(tiny, tmp_path):
+    from actors.models import load_backend
+    from pipeline.config import load_config, to_dict
+
+    ck = _save(tiny.model, tmp_path / "ck")
+    cfg = to_dict(load_config("run", ["model=diffusion_gemma", f"model.source={ck}", "model.max_soft_tokens=70",
+                                      "model.gen_steps=2", "model.noise_seed=3"]))["model"]
+    assert cfg["backend"] == "diffusion_gemma" and cfg["trust_remote_code"] is False
+    be = load_backend(cfg)
+    assert (be.gen_steps, be.noise_seed, be.image_processor.max_soft_tokens) == (2, 3, 70)
+    assert be.model.dtype == torch.float32 and be.device.type == "cpu"

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from actors.models.loading import CheckpointError, check_remote_code, resolve_checkpoint
+from actors.models.loading import CheckpointError, check_remote_code, preflight, resolve_checkpoint
 
 HASH = "0123456789abcdef0123456789abcdef01234567"
 
@@ -130,3 +130,26 @@ def test_remote_code_check_passes_plain_checkpoints_and_rejects_unreadable_confi
     (bad / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable tokenizer_config.json"):
         check_remote_code(str(bad), trust_remote_code=False)
+
+
+def test_preflight_reads_hub_ids_from_the_local_cache_and_every_remote_code_config(tmp_path, s3_bucket, monkeypatch):
+    import fsspec
+
+    snap = _hf_cache(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    preflight("hf://acme/tiny-dg")  # resolved locally: hf:// never goes through fsspec's hub filesystem
+    (snap / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["x.T", None]}}))
+    with pytest.raises(CheckpointError, match="tokenizer_config.json.*trust_remote_code"):
+        preflight("hf://acme/tiny-dg")
+    with pytest.raises(CheckpointError, match="never downloads"):
+        preflight("hf://acme/absent")
+    opts = {k: s3_bucket.storage_options[k] for k in ("key", "secret", "endpoint_url")}
+    fs = fsspec.filesystem("s3", **opts)
+    fs.pipe({f"{s3_bucket.name}/ck/config.json": b'{"model_type": "diffusion_gemma"}',
+             f"{s3_bucket.name}/ck/processor_config.json": b'{"auto_map": {"AutoProcessor": "p.P"}}'})
+    with pytest.raises(CheckpointError, match="processor_config.json.*trust_remote_code"):
+        preflight(f"{s3_bucket.url}/ck", storage_options=opts)
+    preflight(f"{s3_bucket.url}/ck", trust_remote_code=True, storage_options=opts)
+    fs.rm(f"{s3_bucket.name}/ck/processor_config.json")
+    preflight(f"{s3_bucket.url}/ck", storage_options=opts)
