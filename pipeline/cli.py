@@ -34,6 +34,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+VALUE_OPTIONS = ("--baseline", "--fail-under", "--out")
+
+
+def _options_first(args: list[str]) -> list[str]:
+    """Options (with their values) before positionals, so `k=v` overrides may stand anywhere."""
+    opts, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] in VALUE_OPTIONS and i + 1 < len(args):
+            opts += args[i:i + 2]
+            i += 2
+            continue
+        (opts if args[i].startswith("-") else rest).append(args[i])
+        i += 1
+    return opts + rest
+
+
 def _emit(result: dict, as_json: bool, table: str | None = None) -> None:
     if as_json:
         print(json.dumps(result, default=float))
@@ -45,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # `dcam` alone (or `dcam k=v ...`) is `dcam run`
-    args = _parser().parse_intermixed_args(argv)  # options and k=v overrides in any order
+    args = _parser().parse_args([argv[0], *_options_first(argv[1:])])
     from pipeline import commands
 
     handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
