@@ -491,7 +491,9 @@ class DiffusionGemmaBackend(Backend):
         commit = _commit_steps(torch.stack(acc_rec), torch.stack(tok_rec), final, last)
         self.last_trace = {"inputs": torch.stack(in_rec), "accepted": torch.stack(acc_rec),
                            "tokens": torch.stack(tok_rec), "last_step": last}
-        return Generation(ids=final, commit_step=commit, n_steps=N, source="generated" if forced is None else "given")
+        gen = Generation(ids=final, commit_step=commit, n_steps=N, source="generated" if forced is None else "given")
+        gen.final_step = last  # (B,) each row's last pass (early stopping); read by the probe once it supports it
+        return gen
 
     @staticmethod
     def _image_outputs(inp: dict):

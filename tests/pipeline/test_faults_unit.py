@@ -124,18 +124,13 @@ def guarded(fn, timeout: float = GUARD_S):
         pool.shutdown(wait=False)
 
 
-def write_shard(url: str, n: int, row_group_size: int | None = None, payload: int = 0) -> dict:
-    """A dcam-format parquet shard of n rows (read_rows never decodes or fetches images: image_uri rows,
-    or `payload` random bytes per row as the image so that row groups are separate reads); returns the
+def write_shard(url: str, n: int) -> dict:
+    """A dcam-format parquet shard of n image_uri rows (read_rows never fetches images); returns the
     work item read_rows gets from the manifest."""
-    rng = np.random.default_rng(0)
-    cols = {"id": [f"r{i}" for i in range(n)], "image_uri": [f"memory:///img/{i}.png" for i in range(n)],
-            "prompt": ["describe the image"] * n}
-    if payload:
-        cols["image"] = [rng.bytes(payload) for _ in range(n)]
-    table = pa.table(cols)
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "image_uri": [f"memory:///img/{i}.png" for i in range(n)],
+                      "prompt": ["describe the image"] * n})
     buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group_size or n)
+    pq.write_table(table, buf)
     MemoryFileSystem().pipe_file(url.split("://", 1)[1], buf.getvalue())
     return dict(url=url, format="parquet", shard_key=make_shard_key(url), rows=n)
 

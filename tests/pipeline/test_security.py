@@ -107,17 +107,17 @@ def test_job_refuses_remote_code_before_any_ray_work(tmp_path, no_ray_work):
 # ----------------------------------------------------------------------------------------------- schemes
 
 @pytest.mark.parametrize("url", ["ftp://x/y", "sftp://host/in/", "hdfs://nn/data/*.parquet", "ssh://h/x.jsonl"])
-def test_input_scheme_not_allowed_is_refused_before_any_ray_work(tmp_path, no_ray_work, url):
+def test_input_scheme_not_allowed_is_refused_before_any_ray_work(tmp_path, no_ray_work, random_ckpt, url):
     with pytest.raises(SchemeNotAllowedError, match=r"scheme '\w+' is not allowed") as ei:
-        _run([f"input={url}", f"output={tmp_path / 'out'}", *FAST])
+        _run([f"input={url}", f"output={tmp_path / 'out'}", f"model.source={random_ckpt}", *FAST])
     assert "storage.allowed_schemes" in str(ei.value)
     assert no_ray_work == [] and not (tmp_path / "out").exists()
 
 
-def test_output_scheme_not_allowed_is_refused(tmp_path, no_ray_work):
+def test_output_scheme_not_allowed_is_refused(tmp_path, no_ray_work, random_ckpt):
     write_corpus(str(tmp_path / "in"), 2, 4101, 2, scenes.SceneConfig())
     with pytest.raises(SchemeNotAllowedError, match="'ftp' is not allowed"):
-        _run([f"input={tmp_path / 'in'}", "output=ftp://x/out", *FAST])
+        _run([f"input={tmp_path / 'in'}", "output=ftp://x/out", f"model.source={random_ckpt}", *FAST])
     assert no_ray_work == []
 
 
@@ -141,7 +141,7 @@ class _ExtraFS(MemoryFileSystem):
         return super()._strip_protocol(path.removeprefix("dcamextra://"))
 
 
-def test_allowed_schemes_can_extend_and_restrict_the_list(tmp_path, monkeypatch):
+def test_allowed_schemes_can_extend_and_restrict_the_list(tmp_path, monkeypatch, random_ckpt):
     import fsspec
 
     import pipeline.job as job
@@ -160,14 +160,14 @@ def test_allowed_schemes_can_extend_and_restrict_the_list(tmp_path, monkeypatch)
             raise _Reached()
 
         monkeypatch.setattr(job, "execute", reached)
-        base = [f"input={url}", f"output={tmp_path / 'out'}", *FAST]
+        base = [f"input={url}", f"output={tmp_path / 'out'}", f"model.source={random_ckpt}", *FAST]
         with pytest.raises(SchemeNotAllowedError):
             _run(base)
         with pytest.raises(_Reached):  # extended: listing, counting and the manifest all work
             _run([*base, f"storage.allowed_schemes=[{','.join(extended)}]"])
         # restricted: a list without "file" refuses local paths (here the local output dir)
         with pytest.raises(SchemeNotAllowedError, match="'file' is not allowed"):
-            _run([*base[:1], f"output={tmp_path / 'out2'}", *FAST, "storage.allowed_schemes=[s3,dcamextra]"])
+            _run([*base[:1], f"output={tmp_path / 'out2'}", *base[2:], "storage.allowed_schemes=[s3,dcamextra]"])
     finally:
         MemoryFileSystem().rm("/dcam-security-extra", recursive=True)
 
@@ -292,6 +292,64 @@ def test_no_credential_in_any_output_or_log(s3_bucket, ray_local, random_ckpt, m
         if found:
             leaks[path] = found
     assert leaks == {}, leaks
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A plain HTTP server on 127.0.0.1 serving tmp_path/srv (loopback only); yields (dir, port)."""
+    import http.server
+    import threading
+
+    root = tmp_path / "srv"
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(root), **k)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield root, srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_credentials_in_an_input_url_never_reach_outputs(tmp_path, http_dir, monkeypatch, random_ckpt):
+    """An input URL with user-info (https://user:password@host/...) is either refused with a
+    StorageError or accepted; either way the password must not reach manifest.json, the run
+    directory's file names or the shard keys that name output files (they are derived from URLs)."""
+    import pipeline.job as job
+
+    srv, port = http_dir
+    sc = scenes.make_scene(4400, 0)
+    (srv / "img.png").write_bytes(png_bytes(sc.image))
+    (srv / "m.jsonl").write_text(json.dumps({"id": "a", "image_uri": "img.png", "prompt": "describe the image"}) + "\n")
+    password = "dcamURLPASS-" + pysecrets.token_hex(8)
+    reached = []
+
+    def stop(pending, run, d, h, log):
+        reached.append([e.shard_key for e in pending])
+        raise _Reached()
+
+    monkeypatch.setattr(job, "execute", stop)
+    out = tmp_path / "out"
+    try:
+        _run([f"input=http://dcamuser:{password}@127.0.0.1:{port}/m.jsonl", "format=jsonl", f"output={out}",
+              f"model.source={random_ckpt}", *FAST])
+    except _Reached:
+        pass
+    except storage.StorageError as e:  # refused: fine, as long as the message does not echo it
+        assert password not in str(e)
+    leaks = [k for keys in reached for k in keys if password in k]
+    for base, _, files in os.walk(out):
+        for name in files:
+            p = os.path.join(base, name)
+            if password in os.path.relpath(p, out) or password.encode() in open(p, "rb").read():
+                leaks.append(os.path.relpath(p, out))
+    assert leaks == [], leaks
 
 
 def test_storage_objects_and_errors_never_show_credentials(monkeypatch):
