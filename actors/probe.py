@@ -81,6 +81,8 @@ def obtain_response(backend: Backend, batch: PreparedBatch, seed: int) -> Genera
         forced = backend.forced_trajectory(_only(batch, given))
         idx = torch.tensor([i for i, g in enumerate(given) if g])
         gen.ids[idx], gen.commit_step[idx] = forced.ids, forced.commit_step
+        if gen.final_step is not None and forced.final_step is not None:
+            gen.final_step[idx] = forced.final_step
         gen.source = "mixed"
     return gen
 
@@ -95,15 +97,21 @@ def _only(batch: PreparedBatch, keep: list[bool]) -> PreparedBatch:
                          source_index=[batch.source_index[i] for i in idx] if batch.source_index else idx)
 
 
-def answer_length(ids: torch.Tensor, eos_id: int) -> int:
-    hits = (ids == eos_id).nonzero()
+def end_ids(backend: Backend):
+    return tuple(getattr(backend, "eos_ids", ()) or ()) or (backend.eos_id,)
+
+
+def answer_length(ids: torch.Tensor, eos_id) -> int:
+    """Tokens before the first end id (eos_id: one id or a tuple of ids)."""
+    eos = torch.as_tensor(list(eos_id) if isinstance(eos_id, (tuple, list)) else [eos_id], device=ids.device)
+    hits = torch.isin(ids, eos).nonzero()
     return int(hits[0]) if len(hits) else int(ids.numel())
 
 
 def select_positions(backend: Backend, ids: torch.Tensor, how: str, words: list[str] | None = None) -> list[int]:
     """Canvas positions to explain. `words` (explicit) wins over `how`; a word that is not in the
     response raises SampleError('target')."""
-    n = answer_length(ids, backend.eos_id)
+    n = answer_length(ids, end_ids(backend))
     if words:
         strs = [backend.token_str(int(i)).strip().lower() for i in ids[:n]]
         missing = [w for w in words if w.lower() not in strs]
@@ -138,7 +146,9 @@ def _canvas(backend: Backend, gen: Generation, i: int, p: int, step: int, state:
     if state == "trajectory":
         return gen.state_before(row, torch.tensor([step]), backend.mask_id)[0]
     if state == "last_step":
-        return gen.state_before(row, torch.tensor([gen.n_steps - 1]), backend.mask_id)[0]
+        fs = gen.final_step
+        last = int(fs[i]) if fs is not None else gen.n_steps - 1
+        return gen.state_before(row, torch.tensor([last]), backend.mask_id)[0]
     canvas = gen.ids[i].clone()
     if state == "remask_target":
         canvas[p] = backend.mask_id
@@ -278,7 +288,7 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
     for j, i in enumerate(batch.source_index):
         r = results[i]
         r.prompt, r.response_source = batch.prompts[j], ("given" if batch.given_ids[j] is not None else "generated")
-        n = answer_length(gen.ids[j], backend.eos_id)
+        n = answer_length(gen.ids[j], end_ids(backend))
         r.response_ids = gen.ids[j, :n].tolist()
         r.response = backend.decode(r.response_ids)
     return results

@@ -44,6 +44,7 @@ def to_dict(cfg) -> dict:
 def config_hash(cfg) -> str:
     """12 hex digits over the output-relevant part of the config."""
     d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED}
-    d.get("model", {}).pop("device", None)
+    for k in ("device", "cache_dir", "hf_cache_dir", "storage_options"):  # where, not what
+        d.get("model", {}).pop(k, None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

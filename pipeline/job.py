@@ -167,14 +167,21 @@ def run_job(cfg, log=print) -> dict:
     d = to_dict(cfg)
     h = config_hash(cfg)
     so = d.get("storage") or {}
-    from actors.models.loading import preflight
 
     source = d["model"].get("source")
     if source is None and d["model"].get("backend", "tiny") == "tiny":
         from actors.models.tiny_backend import SHIPPED_WEIGHTS
 
         source = SHIPPED_WEIGHTS  # fail here, not inside every actor, if the package lacks its weights
-    preflight(source, bool(d["model"].get("trust_remote_code", False)))
+    if d["model"].get("source") and "://" in str(d["model"]["source"]) and "storage_options" not in d["model"]:
+        from pipeline.storage import fsspec_kwargs, scheme_of
+
+        src = str(d["model"]["source"])  # a remote checkpoint uses the run's storage settings
+        d["model"]["storage_options"] = fsspec_kwargs(scheme_of(src), so)
+    from actors.models.loading import ALLOWED_SCHEMES, preflight
+
+    preflight(source, bool(d["model"].get("trust_remote_code", False)), d["model"].get("storage_options"),
+              allowed_schemes=tuple(so.get("allowed_schemes") or ALLOWED_SCHEMES))
     run = RunDir(d["output"], so)
     input_url = d["input"] or synthesise_default(run, d, log)
     shards = list_shards(input_url, d["format"], so)

@@ -82,10 +82,15 @@ def ray_local(tmp_path_factory):
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
     import ray
 
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     ray.init(num_cpus=2, num_gpus=1, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
-             logging_level="ERROR", _temp_dir=str(tmp_path_factory.mktemp("ray")))
+             logging_level="ERROR", _temp_dir=temp)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

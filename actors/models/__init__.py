@@ -28,7 +28,8 @@ def load_backend(model_cfg: dict):
                                    block_length=model_cfg.get("block_length"),
                                    temperature=float(model_cfg.get("temperature") or 0.0),
                                    model_id=model_cfg.get("model_id") or "dcam-tiny",
-                                   trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+                                   trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+                                   storage_options=model_cfg.get("storage_options"))
         dtype = resolve_dtype(model_cfg.get("dtype"), device)
         backend.model.to(dtype)
         return backend

@@ -87,6 +87,7 @@ class Generation:
     commit_step: torch.Tensor
     n_steps: int
     source: str  # "generated" | "given"
+    final_step: torch.Tensor | None = None  # (B,) each row's last denoising step; None = n_steps - 1
 
     def state_before(self, rows: torch.Tensor, step: torch.Tensor, mask_id: int) -> torch.Tensor:
         """(N, L) canvas of sample rows[n] just before denoising step step[n] ran."""
@@ -107,6 +108,7 @@ class Backend(abc.ABC):
     model_id: str
     mask_id: int
     eos_id: int
+    eos_ids: tuple[int, ...] = ()  # every id that ends an answer; () = (eos_id,)
     response_len: int
     device: torch.device
 

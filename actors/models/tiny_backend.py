@@ -35,10 +35,11 @@ class TinyBackend(Backend):
         self._categories = {w: "colour" for w in scenes.COLOURS} | {w: "shape" for w in scenes.SHAPES}
 
     @classmethod
-    def load(cls, source: str | None = None, trust_remote_code: bool = False, **kwargs) -> "TinyBackend":
+    def load(cls, source: str | None = None, trust_remote_code: bool = False, storage_options: dict | None = None,
+             **kwargs) -> "TinyBackend":
         from actors.models.loading import check_remote_code, resolve_checkpoint
 
-        local = resolve_checkpoint(source) if source else SHIPPED_WEIGHTS
+        local = resolve_checkpoint(source, storage_options=storage_options) if source else SHIPPED_WEIGHTS
         check_remote_code(local, trust_remote_code)
         model = TinyDMLLM.from_pretrained(local)
         return cls(model, WordTokenizer.from_pretrained(local), **kwargs)

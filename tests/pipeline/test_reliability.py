@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -72,7 +73,7 @@ def test_driver_killed_mid_run_then_rerun_finishes_exactly_once(ray_local, tmp_p
     write_corpus(str(tmp_path / "in"), 24, 1107, 4, scenes.SceneConfig())
     common = [f"input={tmp_path / 'in'}", f"model.source={random_ckpt}", "ray.num_cpus=2", "ray.num_gpus=1",
               "ray.object_store_memory=300000000", *FAST]
-    temp = tmp_path / "ray-kill"
+    temp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray socket paths must fit in 107 bytes
     proc = _dcam([*common, f"output={tmp_path / 'cut'}", f"ray.temp_dir={temp}"], tmp_path)
     results = tmp_path / "cut" / "results"
     deadline = time.time() + 420
@@ -102,7 +103,7 @@ def test_actor_that_cannot_load_the_model_fails_the_job_clearly(tmp_path, random
     shutil.copytree(random_ckpt, bad)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     write_corpus(str(tmp_path / "in"), 4, 1108, 4, scenes.SceneConfig())
-    temp = tmp_path / "ray-fail"
+    temp = tempfile.mkdtemp(prefix="rf", dir="/tmp")
     proc = _dcam([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", f"model.source={bad}", "ray.num_cpus=2",
                   "ray.object_store_memory=300000000", f"ray.temp_dir={temp}", *FAST], tmp_path)
     try:
