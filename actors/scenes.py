@@ -21,7 +21,7 @@ COLOURS = {  # name -> base RGB; each object gets +-20 jitter and a linear shadi
     "purple": (150, 45, 200),
 }
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
-SIZES = {"small": (0.10, 0.13), "large": (0.155, 0.19)}  # radius as a fraction of the image side
+SIZES = {"small": (0.12, 0.145), "large": (0.165, 0.19)}  # radius as a fraction of the image side
 FUNCTION_WORDS = ("a", "and")
 PROMPTS = ("describe the image", "what is in the image", "caption the image")
 DEFAULT_PROMPT = PROMPTS[0]

@@ -11,7 +11,8 @@ probe_cfg {"batch_size": 16, "faithfulness_steps": 8}) and one `actors.score_sta
 (the run defaults: thumbnails on, 128 px), exactly as a Ray actor would be fed: decoded batches with
 the DecodeStage columns (id, shard, row_index, prompt, response=None so the model generates,
 objects, explain=None, pixels, height, width, mask_pixels, status, error, error_kind, notes);
---given-response puts the scene's caption in `response` instead. Outputs are consumed (records unpickled and counted) and dropped, as the sink does.
+--given-response puts the scene's caption in `response` instead. Outputs are consumed (records
+unpickled and counted) and dropped, as the sink does.
 
 The process RSS (psutil when installed, else /proc/self/statm) is sampled before the first batch
 and every --sample-every rows (500). Reported: the RSS curve, the warm-up value (the first sample at
@@ -66,7 +67,8 @@ def decoded_batch(seed: int, start: int, n: int, shard: str, given: bool = False
     for i in range(start, start + n):
         s = scenes.make_scene(seed, i)
         h, w = s.image.shape[:2]
-        rows.append(dict(id=f"soak-{seed}-{i:07d}", shard=shard, row_index=i, prompt=s.prompt, response=s.caption if given else None,
+        rows.append(dict(id=f"soak-{seed}-{i:07d}", shard=shard, row_index=i, prompt=s.prompt,
+                         response=s.caption if given else None,
                          objects=s.objects_json(), explain=None, pixels=np.ascontiguousarray(s.image).tobytes(),
                          height=h, width=w, mask_pixels=s.mask.astype("<u2").tobytes(), status="ok", error=None,
                          error_kind=None, notes=""))
@@ -158,8 +160,9 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     stats = growth_stats(curve, a.warmup)
     res = dict(n=a.n, seed=a.seed, batch_size=a.batch_size, faithfulness_steps=a.faithfulness_steps,
-               model=a.model_source or "shipped tiny", response="given" if a.given_response else "generated", device=str(actor.backend.device), torch_threads=torch.get_num_threads(),
-               ok=int(ok), errors=int(errors), output_records=int(records), explained_tokens=int(explained), model_load_s=round(load_s, 1),
+               model=a.model_source or "shipped tiny", response="given" if a.given_response else "generated",
+               device=str(actor.backend.device), torch_threads=torch.get_num_threads(), ok=int(ok), errors=int(errors),
+               output_records=int(records), explained_tokens=int(explained), model_load_s=round(load_s, 1),
                seconds=round(elapsed, 1), rows_per_s=round(a.n / elapsed, 2), rss_source=rss_source(),
                sample_every=a.sample_every, curve=curve, **stats, max_growth_allowed=a.max_growth,
                passed=stats["max_growth_after_warmup"] <= a.max_growth,

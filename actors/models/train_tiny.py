@@ -33,7 +33,7 @@ class TrainConfig:
     image_size: int = 64
     pretrain_steps: int = 1200
     pretrain_pool: int = 8000
-    steps: int = 2000
+    steps: int = 3000
     pool: int = 24000
     batch_size: int = 32
     lr: float = 2e-3

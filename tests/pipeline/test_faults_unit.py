@@ -204,6 +204,8 @@ def test_read_rows_on_flaky_cat_file(flaky):
     assert FlakyFS.calls == flaky["retry_attempts"]
     assert [r["error_kind"] for r in rows] == ["shard_read"] * 3
     assert all(FLAKY_SECRET not in r["error"] for r in rows)
+    FlakyFS.fail = 0
+    FlakyFS().rm("/dcam/faults-instances.json")
 
 
 # ----------------------------------------------------------------------------------------------- writes

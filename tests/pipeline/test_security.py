@@ -23,7 +23,6 @@ from actors.models.loading import CheckpointError
 from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
 from jobutil import FAST, _results, _run
 from pipeline import storage
-from pipeline.config import load_config
 from pipeline.storage import DEFAULT_ALLOWED_SCHEMES, SchemeNotAllowedError
 from pipeline.synth import png_bytes, write_corpus
 
@@ -262,8 +261,9 @@ def test_no_credential_in_any_output_or_log(s3_bucket, ray_local, random_ckpt, m
         (s["errors"], sorted(set(t[t.status == "error"].error_kind + ": " + t[t.status == "error"].error)))
     errors = t[t.status == "error"].set_index("id")
     assert set(errors.index) == {k for k, v in expected.items() if v == "error"}
-    assert errors.loc["missing-object", "error_kind"] == "fetch" and "no-such-image.png" in errors.loc["missing-object", "error"]
-    assert errors.loc["userinfo-uri", "error_kind"] == "fetch" and "***@127.0.0.1" in errors.loc["userinfo-uri", "error"]
+    missing, userinfo = errors.loc["missing-object"], errors.loc["userinfo-uri"]
+    assert missing.error_kind == "fetch" and "no-such-image.png" in missing.error
+    assert userinfo.error_kind == "fetch" and "***@127.0.0.1" in userinfo.error
 
     leaks: dict[str, list[str]] = {}
     fs, root = storage.open_fs(f"{s3_bucket.url}/audit", so)
