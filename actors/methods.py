@@ -9,7 +9,6 @@ on selection scenes (seed 4000), never on the evaluation seeds; README.md gives 
 """
 from __future__ import annotations
 
-from actors.probe import ProbeConfig
 from actors.refine import RefineConfig
 
 REFINE_NONE = RefineConfig(akd=False, dacg=False, cba=False, sicd=False)
@@ -42,8 +41,11 @@ def _preset(spec: dict | str) -> tuple[dict, dict, dict]:
     return spec, *PRESETS[name]
 
 
-def probe_config(spec: dict | str, backend, overrides: dict | None = None) -> ProbeConfig:
-    """A method spec is a preset name, or {preset: name, probe: {...}, refine: {...}}."""
+def probe_config(spec: dict | str, backend, overrides: dict | None = None):
+    """A method spec is a preset name, or {preset: name, probe: {...}, refine: {...}}.
+    (actors.probe is imported here, not at module level: the CPU stage needs only
+    refine_config and must not pay for importing torch.)"""
+    from actors.probe import ProbeConfig
     spec, probe_fields, _ = _preset(spec)
     probe = {**probe_fields, **(overrides or {}), **(spec.get("probe") or {})}
     probe["hook"] = probe["hook"].format(**backend.named_hooks())
@@ -58,5 +60,5 @@ def refine_config(spec: dict | str, eos_id: int | None = None) -> RefineConfig:
     return RefineConfig(**refine)
 
 
-def resolve_method(spec: dict | str, backend, overrides: dict | None = None) -> tuple[ProbeConfig, RefineConfig]:
+def resolve_method(spec: dict | str, backend, overrides: dict | None = None) -> tuple:
     return probe_config(spec, backend, overrides), refine_config(spec, backend.eos_id)

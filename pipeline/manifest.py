@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +46,7 @@ class ShardEntry:
 class RunDir:
     """Paths of a run directory on its filesystem."""
     url: str
-    storage_options: dict
+    storage_options: dict = field(repr=False)  # may hold credentials
 
     def __post_init__(self):
         self.fs, self.root = open_fs(self.url, self.storage_options)

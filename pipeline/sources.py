@@ -204,11 +204,11 @@ def _sniff_parquet(fs, path: str) -> str:
 @dataclass
 class _Ctx:
     spec: ShardSpec
-    storage_options: dict
+    storage_options: dict = field(repr=False)
     source: dict
-    fs: Any = None
+    fs: Any = field(default=None, repr=False)
     path: str = ""
-    secrets: list = field(default_factory=list)
+    secrets: list = field(default_factory=list, repr=False)
 
     @classmethod
     def make(cls, spec: ShardSpec, storage_options: dict | None, source: dict | None) -> "_Ctx":
@@ -440,7 +440,7 @@ def _parquet_records(ctx: _Ctx) -> Iterator[dict]:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
         id_f, prompt_f, resp_f = ctx.field_names()
-        wanted = {id_f, prompt_f, resp_f, ctx.source.get("image_field", "image"), "mask", "objects",
+        wanted = {id_f, prompt_f, resp_f, ctx.source.get("image_field", "image"), "mask", "objects", ctx.source.get("explain_field") or "explain",
                   "status", "error_message", *_IMAGE_URI_FIELDS, "jpg", "png", "webp"}
         cols = sorted(c for c in wanted if c in names)
         batch_rows = int(ctx.source.get("batch_rows", 256))

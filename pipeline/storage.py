@@ -76,14 +76,26 @@ def scheme_of(url: str) -> str:
     return "file" if scheme in ("file", "local") else scheme
 
 
+_URL_CREDENTIALS_RE = re.compile(r"^(?P<scheme>[a-zA-Z][\w+.-]*)://(?P<userinfo>[^/@\s]+)@")
+
+
+class CredentialsInURLError(StorageError, ValueError):
+    """The URL carries user:password@ credentials (they would end up in manifests and file names)."""
+
+
 def check_scheme(url: str, storage_options: dict | None = None) -> str:
-    """Return the URL's scheme, or raise SchemeNotAllowedError if the allowlist does not contain it."""
+    """Return the URL's scheme, or raise SchemeNotAllowedError if the allowlist does not contain it
+    (CredentialsInURLError if the URL embeds user:password@)."""
     allowed = (storage_options or {}).get("allowed_schemes") or DEFAULT_ALLOWED_SCHEMES
     scheme = scheme_of(url)
     if scheme not in [s.lower() for s in allowed]:
         raise SchemeNotAllowedError(
             f"URL scheme {scheme!r} is not allowed (storage.allowed_schemes = {sorted(allowed)}): "
             f"{redact(url, secrets_of(storage_options))}")
+    m = _URL_CREDENTIALS_RE.match(url)  # abfs://container@account has no ':' and is allowed
+    if m and (":" in m["userinfo"] or scheme in ("http", "https")):
+        raise CredentialsInURLError("credentials in URLs (user:password@host) are not supported: put them in the "
+                                    f"storage section or the environment: {redact(url, secrets_of(storage_options))}")
     return scheme
 
 

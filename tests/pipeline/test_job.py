@@ -111,7 +111,7 @@ def test_stage_topology_probe_actor_not_fused(ray_local, tmp_path, random_ckpt):
     stats = ds.stats()
     ops = [line for line in stats.splitlines() if line.startswith("Operator")]
     probe = [o for o in ops if "ProbeActor" in o]
-    assert len(probe) == 1 and "decode_batch" not in probe[0] and "refine_score_batch" not in probe[0]
+    assert len(probe) == 1 and "read_decoded_rows" not in probe[0] and "refine_score_batch" not in probe[0]
     assert any("refine_score_batch" in o for o in ops)
 
 

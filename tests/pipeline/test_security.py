@@ -141,6 +141,7 @@ class _ExtraFS(MemoryFileSystem):
 
 
 def test_allowed_schemes_can_extend_and_restrict_the_list(tmp_path, monkeypatch, random_ckpt):
+    """storage.allowed_schemes governs data URLs (input, output, shards) and the model source."""
     import fsspec
 
     import pipeline.job as job
@@ -148,9 +149,13 @@ def test_allowed_schemes_can_extend_and_restrict_the_list(tmp_path, monkeypatch,
 
     fsspec.register_implementation("dcamextra", _ExtraFS, clobber=True)
     extended = [*DEFAULT_ALLOWED_SCHEMES, "dcamextra"]
-    url = "dcamextra:///dcam-security-extra/in"
+    allow = f"storage.allowed_schemes=[{','.join(extended)}]"
+    url, model_url = "dcamextra:///dcam-security-extra/in", "dcamextra:///dcam-security-extra/ckpt"
+    mem = MemoryFileSystem()
     try:
         write_corpus(url, 2, 4103, 2, scenes.SceneConfig(), {"allowed_schemes": extended})
+        for name in os.listdir(random_ckpt):
+            mem.pipe_file(f"/dcam-security-extra/ckpt/{name}", open(os.path.join(random_ckpt, name), "rb").read())
         with pytest.raises(SchemeNotAllowedError, match="'dcamextra' is not allowed"):
             list_shards(url)
         assert len(list_shards(url, "auto", {"allowed_schemes": extended})) == 1
@@ -160,15 +165,24 @@ def test_allowed_schemes_can_extend_and_restrict_the_list(tmp_path, monkeypatch,
 
         monkeypatch.setattr(job, "execute", reached)
         base = [f"input={url}", f"output={tmp_path / 'out'}", f"model.source={random_ckpt}", *FAST]
-        with pytest.raises(SchemeNotAllowedError):
+        with pytest.raises(SchemeNotAllowedError, match="'dcamextra' is not allowed"):  # data URL, default list
             _run(base)
         with pytest.raises(_Reached):  # extended: listing, counting and the manifest all work
-            _run([*base, f"storage.allowed_schemes=[{','.join(extended)}]"])
-        # restricted: a list without "file" refuses local paths (here the local output dir)
+            _run([*base, allow])
+        remote_model = [f"input={tmp_path / 'none'}", f"output={tmp_path / 'out3'}", f"model.source={model_url}", *FAST]
+        with pytest.raises(CheckpointError, match="'dcamextra' is not allowed"):  # model URL, default list
+            _run(remote_model)
+        with pytest.raises(_Reached):  # extended: the model's config.json is checked on the new scheme
+            _run([f"input={url}", *remote_model[1:], allow])
+        # restricted: a list without "file" refuses local paths: the local model dir, the local output dir
+        with pytest.raises(CheckpointError, match="'file' is not allowed"):
+            _run([*base, "storage.allowed_schemes=[s3,dcamextra]"])
         with pytest.raises(SchemeNotAllowedError, match="'file' is not allowed"):
-            _run([*base[:1], f"output={tmp_path / 'out2'}", *base[2:], "storage.allowed_schemes=[s3,dcamextra]"])
+            _run([f"input={url}", f"output={tmp_path / 'out2'}", f"model.source={model_url}", *FAST,
+                  "storage.allowed_schemes=[s3,dcamextra]"])
+        assert not (tmp_path / "out2").exists()
     finally:
-        MemoryFileSystem().rm("/dcam-security-extra", recursive=True)
+        mem.rm("/dcam-security-extra", recursive=True)
 
 
 # ----------------------------------------------------------------------------------------------- credentials
