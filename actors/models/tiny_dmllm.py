@@ -86,7 +86,7 @@ class TinyDMLLMConfig(PretrainedConfig):
     model_type = "dcam_tiny_dmllm"
 
     def __init__(self, vocab=None, image_size=64, vision_dim=128, d_model=128, n_layers=4, n_heads=4,
-                 mlp_ratio=4, max_prompt_len=6, response_len=12, prefix_lm=True, gen_steps=6, **kwargs):
+                 mlp_ratio=4, max_prompt_len=6, response_len=12, prefix_lm=True, gen_steps=12, **kwargs):
         self.vocab = list(vocab) if vocab is not None else default_vocab()
         self.image_size = image_size
         self.patch = 8  # the stem downsamples by 2**3

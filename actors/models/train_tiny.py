@@ -164,14 +164,23 @@ def train_tiny(tc: TrainConfig, log=print) -> dict:
     report = dict(config=asdict(tc), parameters=count_parameters(model), pretrain_shape_acc=shape_acc,
                   pretrain_s=round(t_pre, 1), diffusion_s=round(t_train, 1), quality=quality)
     log(json.dumps(report, indent=1))
+    failure = None
     if tc.pretrain_steps and shape_acc < tc.gate_pretrain_shape_acc:
-        raise QualityGateError(f"held-out pretraining shape accuracy {shape_acc:.3f} < {tc.gate_pretrain_shape_acc}")
-    if quality["exact_match"] < tc.gate_exact_match:
-        raise QualityGateError(f"caption exact match {quality['exact_match']:.3f} < {tc.gate_exact_match}")
-    os.makedirs(tc.output, exist_ok=True)
-    model.save_pretrained(tc.output)
-    tok.save_pretrained(tc.output)
-    with open(os.path.join(tc.output, "training_report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        failure = f"held-out pretraining shape accuracy {shape_acc:.3f} < {tc.gate_pretrain_shape_acc}"
+    elif quality["exact_match"] < tc.gate_exact_match:
+        failure = f"caption exact match {quality['exact_match']:.3f} < {tc.gate_exact_match}"
+    # Below the bar the weights never go to tc.output; they are kept beside it, clearly named,
+    # so a failed run can be diagnosed instead of being lost.
+    _save(model, tok, report, tc.output if failure is None else tc.output.rstrip("/") + "-below-gate")
+    if failure:
+        raise QualityGateError(failure + f" (weights kept for diagnosis in {tc.output.rstrip('/')}-below-gate)")
     return report
+
+
+def _save(model, tok, report: dict, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    with open(os.path.join(directory, "training_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
 

@@ -36,7 +36,10 @@ print(json.dumps(dict(ray='ray' in sys.modules, ids=int(df.id.nunique()), shape=
                       types=str(t.schema.field('map').type), tok=sorted(set(ok.token)))))
 """
     out = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
-    assert out["ray"] is False and out["ids"] == 20 and out["shape"] == [12, 12]
+    from actors.models.tiny_dmllm import TinyDMLLMConfig
+
+    g = TinyDMLLMConfig().grid
+    assert out["ray"] is False and out["ids"] == 20 and out["shape"] == [g, g]
     assert out["types"] in ("list<item: float>", "list<element: float>")  # plain Arrow list, no extension type
     assert set(out["tok"]) <= set(scenes.COLOURS) | set(scenes.SHAPES)
 
