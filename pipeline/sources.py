@@ -228,9 +228,10 @@ class _Ctx:
             yield io.BufferedReader(f, buffer_size=1 << 20) if not isinstance(f, io.BufferedIOBase) else f
 
     def field_names(self) -> tuple:
-        """(id, prompt, response) field names after `source.*` overrides (None = not taken from data)."""
+        """(id, prompt, response) field names after `source.*` overrides (None = not taken from data,
+        "auto" or absent = the format's default: e.g. webdataset takes the response from `txt`)."""
         d_id, d_prompt, d_resp = _FIELDS[self.spec.format]
-        pick = lambda key, d: self.source[key] if key in self.source else d  # noqa: E731
+        pick = lambda key, d: self.source[key] if self.source.get(key, "auto") != "auto" else d  # noqa: E731
         return pick("id_field", d_id), pick("prompt_field", d_prompt), pick("response_field", d_resp)
 
     def shard_dir(self) -> str:
