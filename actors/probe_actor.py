@@ -23,21 +23,32 @@ from actors.probe import explain_batch
 PASSTHROUGH_DROP = ()  # pixels travel on: the CPU stage makes thumbnails, so the GPU never does
 
 
+class ModelLoadError(RuntimeError):
+    """The actor's model replica could not be loaded: the whole job fails with this cause."""
+
+
 class ProbeActor:
     def __init__(self, model_cfg: dict, methods: dict, probe_cfg: dict, testing: dict | None = None):
         from actors.models import load_backend
 
         if probe_cfg.get("threads"):
             torch.set_num_threads(int(probe_cfg["threads"]))
-        self.backend = load_backend(model_cfg)
-        self.methods = {name: resolve_method(spec, self.backend, _probe_overrides(probe_cfg))
-                        for name, spec in methods.items()}
+        self.load_error = None
+        try:
+            self.backend = load_backend(model_cfg)
+            self.methods = {name: resolve_method(spec, self.backend, _probe_overrides(probe_cfg))
+                            for name, spec in methods.items()}
+        except Exception as e:  # noqa: BLE001 - re-raised from __call__: Ray would restart a failing
+            # constructor forever (the job hangs); a UDF error fails the job at once with this cause
+            self.load_error = _describe(e)
         self.seed = int(probe_cfg.get("seed", 0))
         self.testing = testing or {}
         self.batches = 0
 
     # -- Ray entry point --------------------------------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.load_error is not None:
+            raise ModelLoadError(f"ProbeActor could not load the model: {self.load_error}")
         self._maybe_die_for_tests()
         n = len(batch["id"])
         out = {k: v for k, v in batch.items() if k not in PASSTHROUGH_DROP}
