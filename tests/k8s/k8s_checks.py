@@ -246,7 +246,7 @@ def time_zone_errors(tz: Any) -> list[str]:
             import zoneinfo
             if not zoneinfo.available_timezones():
                 return []  # no tz database on this machine: cannot judge
-        except Exception:
+        except (ImportError, OSError):
             return []
         return [f"timeZone: {tz!r} is not an IANA time zone"]
     return []
