@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors import scenes  # noqa: E402
+from pipeline.decode import decoded_batch  # noqa: E402
 
 METHODS = {"diffusion_cam": {"preset": "diffusion_cam"}}
 SINK = {"thumbnails": True, "thumbnail_size": 128}
@@ -60,7 +61,7 @@ def rss_source() -> str:
         return "/proc/self/statm"
 
 
-def decoded_batch(seed: int, start: int, n: int, shard: str, given: bool = False) -> dict[str, np.ndarray]:
+def scene_batch(seed: int, start: int, n: int, shard: str, given: bool = False) -> dict[str, np.ndarray]:
     """Scenes start..start+n-1 as a decoded batch (pipeline/decode.py's output columns); response is
     None (the model generates) unless `given` (the scene's caption is explained)."""
     rows = []
@@ -72,18 +73,7 @@ def decoded_batch(seed: int, start: int, n: int, shard: str, given: bool = False
                          objects=s.objects_json(), explain=None, pixels=np.ascontiguousarray(s.image).tobytes(),
                          height=h, width=w, mask_pixels=s.mask.astype("<u2").tobytes(), status="ok", error=None,
                          error_kind=None, notes=""))
-    out = {}
-    for k in rows[0]:
-        vals = [r[k] for r in rows]
-        if k == "row_index":
-            out[k] = np.array(vals, dtype=np.int64)
-        elif k in ("height", "width"):
-            out[k] = np.array(vals, dtype=np.int32)
-        else:
-            col = np.empty(len(vals), dtype=object)
-            col[:] = vals
-            out[k] = col
-    return out
+    return decoded_batch(rows)
 
 
 def growth_stats(curve: list[dict], warmup_rows: int) -> dict:
@@ -142,7 +132,7 @@ def main(argv=None) -> int:
     done = 0
     while done < a.n:
         n = min(a.batch_size, a.n - done)
-        out = stage(actor(decoded_batch(a.seed, done, n, shard, a.given_response)))
+        out = stage(actor(scene_batch(a.seed, done, n, shard, a.given_response)))
         for st, rec in zip(out["status"], out["records"]):
             ok += st == "ok"
             errors += st != "ok"

@@ -256,7 +256,7 @@ class DecodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = max((len(v) for v in batch.values()), default=0)
         out = [self.decode_one({k: _py(v[i]) for k, v in batch.items()}) for i in range(n)]
-        return _columns(out)
+        return decoded_batch(out)
 
     def decode_one(self, raw: dict) -> dict:
         """One raw row -> one decoded row; never raises."""
@@ -358,7 +358,8 @@ def _str_or(v: Any, default: str) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
 
 
-def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+def decoded_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Decoded rows -> a numpy batch in DECODED_COLUMNS order (object columns for text/bytes)."""
     out: dict[str, np.ndarray] = {}
     for c in DECODED_COLUMNS:
         vals = [r[c] for r in rows]
