@@ -1,11 +1,13 @@
 """Named method presets: what "Diffusion-CAM" and each baseline mean in dcam.
 
 A method = attribution state + hook + map variant + contrast (a ProbeConfig) + refinement (a
-RefineConfig). Hooks are backend-specific: `{mid}` is replaced by the backend's default hook.
+RefineConfig). Hooks are backend-specific: `{early}` (output of the block at a quarter of the
+depth), `{mid}` (output of the middle block) and `{mid_norm2}` are the backend's named hooks.
 
-Diffusion-CAM's default (grad_norm at the middle block's output, target still masked in its
-trajectory state, same-category contrast, all four modules) was chosen from `dcam eval-cam`
-on selection scenes (seed 4000), never on the evaluation seeds; README.md gives the table.
+Diffusion-CAM's default (grad_norm at the early block's output, target still masked in its
+trajectory state, same-category contrast; DACG, CBA and SICD on, AKD off) was chosen from
+`dcam eval-cam seed=4000` (selection scenes), never on the evaluation seeds; README.md gives
+both tables and what each module does on this model (AKD's smoothing halves strict pointing).
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ REFINE_NONE = RefineConfig(akd=False, dacg=False, cba=False, sicd=False)
 
 PRESETS: dict[str, tuple[dict, dict]] = {
     # name: (probe fields, refine fields)
-    "diffusion_cam": (dict(variant="grad_norm", hook="{mid}", state="trajectory", contrast="category_mean"),
-                      dict(akd=True, dacg=True, cba=True, sicd=True)),
-    "diffusion_cam_raw": (dict(variant="grad_norm", hook="{mid}", state="trajectory", contrast="category_mean"),
+    "diffusion_cam": (dict(variant="grad_norm", hook="{early}", state="trajectory", contrast="category_mean"),
+                      dict(akd=False, dacg=True, cba=True, sicd=True)),
+    "diffusion_cam_raw": (dict(variant="grad_norm", hook="{early}", state="trajectory", contrast="category_mean"),
                           dict(akd=False, dacg=False, cba=False, sicd=False)),
     # The authors' code path, defects kept where they do not need the reference's index bugs.
     "diffusion_cam_parity": (dict(variant="paper_cam", hook="{mid}", state="teacher_forced", contrast="parity_fullvocab"),

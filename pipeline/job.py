@@ -71,18 +71,23 @@ def write_batch(batch, run_url: str, cfg_hash: str, shard_keys: dict, storage_op
 
 
 # -- driver --------------------------------------------------------------------------------------
-def ensure_ray(d: dict) -> None:
+class ClusterResourceError(RuntimeError):
+    """No node of a cluster that cannot grow can ever host one ProbeActor: the job would hang."""
+
+
+def ensure_ray(d: dict) -> bool:
     """Connect to RAY_ADDRESS / ray.address when given (ray job submit), else start a local
-    cluster with explicit resources. An already initialised Ray (tests) is reused."""
+    cluster with explicit resources. An already initialised Ray (tests) is reused. Returns True
+    when the cluster may grow (an existing cluster, possibly autoscaled), False when it cannot."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     r = d["ray"]
     address = r.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level="ERROR")
-        return
+        return True
     kwargs = dict(include_dashboard=False, logging_level="ERROR", object_store_memory=r.get("object_store_memory"))
     if r.get("temp_dir"):
         kwargs["_temp_dir"] = str(r["temp_dir"])
@@ -90,6 +95,31 @@ def ensure_ray(d: dict) -> None:
         if r.get(k) is not None:
             kwargs[k] = r[k]
     ray.init(**kwargs)
+    return False
+
+
+def check_actor_resources(actors_cfg: dict, may_grow: bool, log) -> None:
+    """Ray Data waits forever for an actor no node can host (it only logs a warning). On a
+    cluster that cannot grow that is a certain hang, so fail now and say what is missing; on an
+    existing cluster an autoscaler may add the node, so say loudly what the job is waiting for."""
+    import ray
+
+    need = {"CPU": float(actors_cfg.get("num_cpus") or 0), "GPU": float(actors_cfg.get("num_gpus") or 0)}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(all(res.get(k, 0.0) >= v for k, v in need.items()) for res in nodes):
+        return
+    have = [{k: res.get(k, 0.0) for k in need} for res in nodes]
+    msg = (f"no Ray node can host one ProbeActor: it needs {need} (actors.num_cpus, actors.num_gpus) and the "
+           f"nodes have {have}")
+    if not may_grow:
+        gpu_hint = "set actors.num_gpus=0 to probe on CPU, or " if need["GPU"] > have_max(have, "GPU") else ""
+        raise ClusterResourceError(f"{msg}: {gpu_hint}give the local cluster more (ray.num_cpus, ray.num_gpus), "
+                                   "or lower the actor's request.")
+    log(f"WARNING: {msg}; waiting for the cluster to scale up (Ray Data waits without a deadline)")
+
+
+def have_max(have: list[dict], key: str) -> float:
+    return max((h.get(key, 0.0) for h in have), default=0.0)
 
 
 def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
@@ -121,7 +151,7 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
     import ray
 
     t_start = time.perf_counter()
-    ensure_ray(d)
+    check_actor_resources(d["actors"], ensure_ray(d), log)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(d["ray"].get("progress_bars", True))
     expected = {e.url: e.rows for e in pending}
@@ -175,10 +205,10 @@ def run_job(cfg, log=print) -> dict:
         from actors.models.tiny_backend import SHIPPED_WEIGHTS
 
         source = SHIPPED_WEIGHTS  # fail here, not inside every actor, if the package lacks its weights
-    if d["model"].get("source") and "://" in str(d["model"]["source"]) and "storage_options" not in d["model"]:
+    if d["model"].get("source") and "://" in str(d["model"]["source"]) and not d["model"].get("storage_options"):
         from pipeline.storage import fsspec_kwargs, scheme_of
 
-        src = str(d["model"]["source"])  # a remote checkpoint uses the run's storage settings
+        src = str(d["model"]["source"])  # a remote checkpoint uses the run's storage settings unless it has its own
         d["model"]["storage_options"] = fsspec_kwargs(scheme_of(src), so)
     from actors.models.loading import ALLOWED_SCHEMES, preflight
 

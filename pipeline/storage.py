@@ -38,6 +38,11 @@ _SECRET_KEY_RE = re.compile(r"(secret|token|password|passwd|key|credential|sas|s
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
                "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET")
 _URL_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
+# Credentials carried in a URL's query string: S3 pre-signed URLs (X-Amz-*), Azure SAS (sig), GCS
+# signed URLs (X-Goog-Signature), and the usual token/key parameters of image_uri manifests.
+_URL_QUERY_SECRET_RE = re.compile(
+    r"(?P<key>[?&;](?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)|Signature|sig|"
+    r"AWSAccessKeyId|access_token|token|api_key|apikey|key|secret|password)=)[^&#\s\"'<>]+", re.IGNORECASE)
 TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
                    "PriorRequestNotComplete", "BandwidthLimitExceeded", "RequestThrottled"}
@@ -173,13 +178,15 @@ def secrets_of(storage_options: dict | None) -> list[str]:
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret (raw or URL-encoded) and any URL user-info replaced by '***'."""
+    """`text` with every secret (raw or URL-encoded), any URL user-info and any credential-like URL
+    query parameter (pre-signed URLs, SAS tokens) replaced by '***'."""
     from urllib.parse import quote
 
     out = str(text)
     for s in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
         for form in {s, quote(s, safe=""), quote(s)}:
             out = out.replace(form, "***")
+    out = _URL_QUERY_SECRET_RE.sub(r"\g<key>***", out)
     return _URL_USERINFO_RE.sub(r"\g<scheme>***@", out)
 
 

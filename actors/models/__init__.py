@@ -29,7 +29,8 @@ def load_backend(model_cfg: dict):
                                    temperature=float(model_cfg.get("temperature") or 0.0),
                                    model_id=model_cfg.get("model_id") or "dcam-tiny",
                                    trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-                                   storage_options=model_cfg.get("storage_options"))
+                                   storage_options=model_cfg.get("storage_options"),
+                                   cache_dir=model_cfg.get("cache_dir"))
         dtype = resolve_dtype(model_cfg.get("dtype"), device)
         backend.model.to(dtype)
         return backend

@@ -223,8 +223,10 @@ class DiffusionGemmaBackend(Backend):
         special = set(getattr(self.tok, "all_special_ids", []) or [])
         self._special = special | set(self.eos_ids) | {self.pad_id, self.image_token_id, self.boi_id, self.eoi_id, NOISE}
         mid = self.n_layers // 2 - 1 if self.n_layers >= 2 else None
+        early = -(-self.n_layers // 4) - 1 if self.n_layers >= 1 else None  # block at a quarter of the depth
         self._named = ({"mid": f"encoder.layers.{mid}.out", "mid_norm2": f"encoder.layers.{mid}.pre_ffn_norm"}
                        if mid is not None and mid >= 0 else {"mid": "encoder.embed", "mid_norm2": "encoder.embed"})
+        self._named["early"] = f"encoder.layers.{early}.out" if early is not None and early >= 0 else "encoder.embed"
         self.last_trace: dict | None = None  # per-step record of the latest generate / forced_trajectory
 
     # -- loading ----------------------------------------------------------------------------

@@ -74,6 +74,9 @@ class PreparedBatch:
     given_ids: list[list[int] | None]
     image_sizes: list[tuple[int, int]]  # (height, width) of each original image
     source_index: list[int] = field(default_factory=list)  # input index of each prepared sample
+    # backend-private tensors derived from `inputs` (e.g. image features reused by every attribution
+    # and faithfulness pass); never copied into sub-batches, so it cannot go stale
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -132,8 +135,10 @@ class Backend(abc.ABC):
     def hook_points(self) -> list[str]: ...
 
     def named_hooks(self) -> dict[str, str]:
-        """Named hook points the method presets refer to: 'mid' (the default hook of
-        Diffusion-CAM) and 'mid_norm2' (the post-attention norm LLaVA-CAM hooks)."""
+        """Named hook points the method presets refer to: 'early' (output of block
+        ceil(n_layers / 4) - 1: Diffusion-CAM's default hook), 'mid' (output of the middle block,
+        n_layers // 2 - 1: the reference's Grad-CAM) and 'mid_norm2' (the post-attention norm of
+        the middle block, which LLaVA-CAM hooks)."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -36,10 +36,11 @@ class TinyBackend(Backend):
 
     @classmethod
     def load(cls, source: str | None = None, trust_remote_code: bool = False, storage_options: dict | None = None,
-             **kwargs) -> "TinyBackend":
+             cache_dir: str | None = None, **kwargs) -> "TinyBackend":
         from actors.models.loading import check_remote_code, resolve_checkpoint
 
-        local = resolve_checkpoint(source, storage_options=storage_options) if source else SHIPPED_WEIGHTS
+        local = (resolve_checkpoint(source, cache_dir=cache_dir, storage_options=storage_options) if source
+                 else SHIPPED_WEIGHTS)
         check_remote_code(local, trust_remote_code)
         model = TinyDMLLM.from_pretrained(local)
         return cls(model, WordTokenizer.from_pretrained(local), **kwargs)
@@ -120,8 +121,9 @@ class TinyBackend(Backend):
         return pts
 
     def named_hooks(self):
-        mid = max(0, self.model.config.n_layers // 2 - 1)  # output of the middle block
-        return {"mid": f"blocks.{mid}.out", "mid_norm2": f"blocks.{mid}.ln2"}
+        n = self.model.config.n_layers
+        mid, early = max(0, n // 2 - 1), max(0, -(-n // 4) - 1)  # middle block; block at a quarter of the depth
+        return {"early": f"blocks.{early}.out", "mid": f"blocks.{mid}.out", "mid_norm2": f"blocks.{mid}.ln2"}
 
     def hook_stream(self, hook):
         if hook not in self.hook_points():
@@ -137,11 +139,22 @@ class TinyBackend(Backend):
             return block, part == "in"
         return getattr(block, part), False
 
+    def _image_features(self, batch) -> torch.Tensor:
+        """(B, G*G, d) projected image tokens of every sample of the batch, computed once per model
+        and batch: attribution and faithfulness passes repeat a sample over many rows (tokens x
+        curve steps), and the vision tower is outside the explained graph anyway."""
+        model, feats = batch.cache.get("image_features", (None, None))
+        if model is not self.model:  # one batch may go through two models (eval-cam's untrained row)
+            with torch.no_grad():
+                feats = self.model.image_features(batch.inputs["pixel_values"])
+            batch.cache["image_features"] = (self.model, feats)
+        return feats
+
     def attribution_forward(self, batch, rows, canvas, hooks, image_keep=None):
         m = self.model
         pixels = batch.inputs["pixel_values"][rows]
         prompt_ids = batch.inputs["prompt_ids"][rows]
-        image = m.image_features(pixels)
+        image = self._image_features(batch)[rows]
         if image_keep is not None:  # a blanked token keeps its position and type, loses its content
             blank = (m.type_emb[1] + m.pos_2d).expand_as(image)
             image = torch.where(image_keep[..., None], image, blank)

@@ -86,7 +86,8 @@ class TinyDMLLMConfig(PretrainedConfig):
     model_type = "dcam_tiny_dmllm"
 
     def __init__(self, vocab=None, image_size=64, vision_dim=128, d_model=128, n_layers=4, n_heads=4,
-                 mlp_ratio=4, max_prompt_len=6, response_len=12, prefix_lm=True, gen_steps=12, **kwargs):
+                 mlp_ratio=4, max_prompt_len=6, response_len=12, prefix_lm=True, gen_steps=12, vision_layers=0,
+                 **kwargs):
         self.vocab = list(vocab) if vocab is not None else default_vocab()
         self.image_size = image_size
         self.patch = 8  # the stem downsamples by 2**3
@@ -99,6 +100,7 @@ class TinyDMLLMConfig(PretrainedConfig):
         self.response_len = response_len
         self.prefix_lm = prefix_lm
         self.gen_steps = gen_steps
+        self.vision_layers = vision_layers  # transformer blocks over the image tokens, before the projector
         super().__init__(**kwargs)
 
     @property
@@ -172,6 +174,12 @@ class TinyDMLLM(PreTrainedModel):
         c = config
         d, V = c.d_model, len(c.vocab)
         self.vision = vision_stem(c.vision_dim)
+        # Optional ViT blocks over the stem's tokens (the prototype's recipe): every image token
+        # sees the whole scene before the LM, e.g. its object's rank from the left.
+        self.vision_pos = nn.Parameter(torch.randn(1, c.grid ** 2, c.vision_dim) * 0.02) if c.vision_layers else None
+        self.vision_blocks = nn.ModuleList([Block(c.vision_dim, c.n_heads, c.mlp_ratio)
+                                            for _ in range(c.vision_layers)])
+        self.vision_ln = nn.LayerNorm(c.vision_dim) if c.vision_layers else nn.Identity()
         self.projector = nn.Sequential(nn.Linear(c.vision_dim, d), nn.GELU(), nn.Linear(d, d))
         self.tok_emb = nn.Embedding(V, d)
         self.pos_emb = nn.Parameter(torch.randn(1, c.seq_len, d) * 0.02)
@@ -214,10 +222,19 @@ class TinyDMLLM(PreTrainedModel):
         return allowed[:, None]
 
     # -- forward ------------------------------------------------------------------------------
+    def vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) normalised pixels -> (B,G*G,dv) vision-encoder tokens, row-major."""
+        v = self.vision(pixel_values).flatten(2).transpose(1, 2)
+        if self.vision_blocks:
+            v = v + self.vision_pos
+            everything = torch.ones(1, 1, v.shape[1], v.shape[1], dtype=torch.bool, device=v.device)
+            for block in self.vision_blocks:
+                v = block(v, everything)
+        return self.vision_ln(v)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S) normalised pixels -> (B,G*G,d) projected image tokens (positions included)."""
-        v = self.vision(pixel_values).flatten(2).transpose(1, 2)
-        return self.projector(v) + self.type_emb[1] + self.pos_2d
+        return self.projector(self.vision_tokens(pixel_values)) + self.type_emb[1] + self.pos_2d
 
     def embed(self, pixel_values, prompt_ids, canvas_ids, image_embeds=None) -> torch.Tensor:
         """(B,T,d) input of the first block."""

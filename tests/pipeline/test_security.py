@@ -458,3 +458,15 @@ def test_hostile_ids_and_shard_names_never_steer_output_paths(ray_local, tmp_pat
     t = _results(str(out)).to_pandas()
     ids = set(t.id)
     assert set(HOSTILE_IDS[:-1]) <= ids and len(ids) == len(HOSTILE_IDS)
+
+
+def test_redact_scrubs_presigned_url_query_credentials_but_keeps_the_rest():
+    # Regression: an image_uri that is a pre-signed URL leaked its signature into `error` strings.
+    sig, cred, sas = "f00dfeed" * 8, "AKIAEXAMPLE%2F20261127%2Fus-east-1", "sv2026sigvalue"
+    url = (f"https://bucket.s3.amazonaws.com/img/1.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={cred}"
+           f"&X-Amz-Signature={sig}&X-Amz-Expires=300")
+    azure = f"https://acct.blob.core.windows.net/c/2.png?sv=2024-01-01&sig={sas}&se=2026"
+    out = storage.redact(f"HTTPError 403 for {url}; then {azure}", secrets=[])
+    assert sig not in out and "AKIAEXAMPLE" not in out and sas not in out, out
+    assert "X-Amz-Expires=300" in out and "X-Amz-Algorithm=AWS4-HMAC-SHA256" in out and "sv=2024-01-01" in out
+    assert "bucket.s3.amazonaws.com/img/1.jpg" in out

@@ -98,3 +98,22 @@ def test_save_and_load_local_and_from_s3(tmp_path, random_model, s3_bucket):
     for m in (local, from_s3):
         for (k, v), (_, w) in zip(random_model.state_dict().items(), m.state_dict().items()):
             assert torch.equal(v, w), k
+
+
+def test_load_backend_copies_an_s3_checkpoint_into_model_cache_dir(tmp_path, random_model, s3_bucket):
+    # Regression: the tiny backend ignored model.cache_dir (always ~/.cache/dcam/checkpoints).
+    import fsspec
+
+    from actors.models import load_backend
+
+    random_model.save_pretrained(tmp_path / "ck")
+    WordTokenizer(random_model.config.vocab).save_pretrained(str(tmp_path / "ck"))
+    opts = {k: s3_bucket.storage_options[k] for k in ("key", "secret", "endpoint_url")}
+    fs = fsspec.filesystem("s3", **opts)
+    for f in (tmp_path / "ck").iterdir():
+        fs.put_file(str(f), f"{s3_bucket.name}/models/ck2/{f.name}")
+    be = load_backend({"backend": "tiny", "source": f"{s3_bucket.url}/models/ck2", "storage_options": opts,
+                       "cache_dir": str(tmp_path / "cache"), "device": "cpu"})
+    copies = list((tmp_path / "cache").iterdir())
+    assert len(copies) == 1 and (copies[0] / "model.safetensors").exists()
+    assert torch.equal(be.model.head.weight, random_model.head.weight)
