@@ -31,8 +31,9 @@ class ProbeActor:
     def __init__(self, model_cfg: dict, methods: dict, probe_cfg: dict, testing: dict | None = None):
         from actors.models import load_backend
 
-        if probe_cfg.get("threads"):
-            torch.set_num_threads(int(probe_cfg["threads"]))
+        threads = probe_cfg.get("threads")
+        if threads not in (None, "auto"):  # "auto" resolved by the driver (pipeline.job); in-process: torch's default
+            torch.set_num_threads(int(threads))
         self.load_error = None
         try:
             self.backend = load_backend(model_cfg)

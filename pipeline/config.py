@@ -46,5 +46,6 @@ def config_hash(cfg) -> str:
     d = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED}
     for k in ("device", "cache_dir", "hf_cache_dir", "storage_options"):  # where, not what
         d.get("model", {}).pop(k, None)
+    d.get("probe", {}).pop("threads", None)  # how fast, not what
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -118,6 +118,20 @@ def check_actor_resources(actors_cfg: dict, may_grow: bool, log) -> None:
     log(f"WARNING: {msg}; waiting for the cluster to scale up (Ray Data waits without a deadline)")
 
 
+def probe_threads(d: dict, may_grow: bool) -> int | None:
+    """torch threads per ProbeActor. Ray pins a worker with fractional num_cpus to one OpenMP
+    thread, which leaves most of a CPU-only machine idle while the probe (the only heavy stage)
+    runs; `auto` gives each actor of a local cluster an equal share of this machine's cores. On an
+    existing cluster `auto` keeps Ray's setting (node sizes are unknown here): set a number."""
+    t = d["probe"].get("threads")
+    if t != "auto":
+        return None if t is None else int(t)
+    if may_grow:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(d["actors"].get("pool_max") or 1)))
+
+
 def have_max(have: list[dict], key: str) -> float:
     return max((h.get(key, 0.0) for h in have), default=0.0)
 
@@ -151,7 +165,9 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
     import ray
 
     t_start = time.perf_counter()
-    check_actor_resources(d["actors"], ensure_ray(d), log)
+    may_grow = ensure_ray(d)
+    check_actor_resources(d["actors"], may_grow, log)
+    d = {**d, "probe": {**d["probe"], "threads": probe_threads(d, may_grow)}}
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(d["ray"].get("progress_bars", True))
     expected = {e.url: e.rows for e in pending}
