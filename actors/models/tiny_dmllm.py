@@ -5,6 +5,9 @@ Sequence layout, one row per sample (T = P + G*G + L positions):
     [ prompt (P, left-padded with PAD) | image tokens (G*G, row-major) | response canvas (L) ]
 
 - vision stem: convs with BatchNorm, three stride-2 steps -> a G x G grid of image tokens (G = S / 8);
+- vision blocks (config.vision_layers; 2 in the shipped model): pre-LN transformer blocks over the
+  image tokens alone, so each token knows the whole scene (e.g. its object's rank from the left)
+  before the LM sees it; without them captions plateaued at 0.74-0.89 exact match;
 - projector: 2-layer MLP into the LM width, plus fixed 2-D sin-cos positions on image tokens
   (without them the model does not even learn left-to-right order);
 - LM: pre-LN bidirectional transformer blocks; logits only at canvas positions;
