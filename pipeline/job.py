@@ -112,7 +112,8 @@ def check_actor_resources(actors_cfg: dict, may_grow: bool, log) -> None:
     msg = (f"no Ray node can host one ProbeActor: it needs {need} (actors.num_cpus, actors.num_gpus) and the "
            f"nodes have {have}")
     if not may_grow:
-        gpu_hint = "set actors.num_gpus=0 to probe on CPU, or " if need["GPU"] > have_max(have, "GPU") else ""
+        most_gpus = max((h["GPU"] for h in have), default=0.0)
+        gpu_hint = "set actors.num_gpus=0 to probe on CPU, or " if need["GPU"] > most_gpus else ""
         raise ClusterResourceError(f"{msg}: {gpu_hint}give the local cluster more (ray.num_cpus, ray.num_gpus), "
                                    "or lower the actor's request.")
     log(f"WARNING: {msg}; waiting for the cluster to scale up (Ray Data waits without a deadline)")
@@ -130,10 +131,6 @@ def probe_threads(d: dict, may_grow: bool) -> int | None:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, int(d["actors"].get("pool_max") or 1)))
-
-
-def have_max(have: list[dict], key: str) -> float:
-    return max((h.get(key, 0.0) for h in have), default=0.0)
 
 
 def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
