@@ -16,6 +16,7 @@ For a batch of samples:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -265,24 +266,30 @@ class SampleExplanation:
 
 def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str], methods: dict[str, ProbeConfig],
                   responses: list[str | None] | None = None, words: list[list[str] | None] | None = None,
-                  seed: int = 0) -> list[SampleExplanation]:
+                  seed: int = 0, timings: dict[str, float] | None = None) -> list[SampleExplanation]:
     """Explain a batch with every method in `methods` (shared generation). One result per input,
-    in input order; samples that cannot be prepared or targeted carry `error`."""
+    in input order; samples that cannot be prepared or targeted carry `error`.
+    timings: if given, seconds spent per phase (response, attribution, faithfulness) are added."""
     from actors.baselines import tam_pass
 
+    clock = _PhaseClock(timings)
     results = [SampleExplanation(index=i) for i in range(len(images))]
     batch, errors = backend.prepare(images, prompts, responses)
     for i, e in errors.items():
         results[i].error = e
     if batch.size == 0:
         return results
-    gen = obtain_response(backend, batch, seed)
+    with clock("response"):
+        gen = obtain_response(backend, batch, seed)
     positions = _positions(backend, batch, gen, next(iter(methods.values())).targets, words, results)
     for name, cfg in methods.items():
         targets = build_targets(backend, gen, cfg, positions)
-        maps = tam_pass(backend, batch, targets, cfg) if cfg.variant == "tam" else attribution_pass(backend, batch, targets, cfg)
+        with clock("attribution"):
+            maps = (tam_pass(backend, batch, targets, cfg) if cfg.variant == "tam"
+                    else attribution_pass(backend, batch, targets, cfg))
         if cfg.faithfulness_steps:
-            _add_faithfulness(backend, batch, targets, maps, cfg)
+            with clock("faithfulness"):
+                _add_faithfulness(backend, batch, targets, maps, cfg)
         for t, m in zip(targets, maps):
             results[batch.source_index[t.sample]].maps.setdefault(name, []).append(m)
     for j, i in enumerate(batch.source_index):
@@ -292,6 +299,24 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
         r.response_ids = gen.ids[j, :n].tolist()
         r.response = backend.decode(r.response_ids)
     return results
+
+
+class _PhaseClock:
+    """`with clock("phase"):` adds the block's wall seconds to timings["phase"] (no-op without)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings, self.phase, self.t0 = timings, None, 0.0
+
+    def __call__(self, phase: str) -> "_PhaseClock":
+        self.phase = phase
+        return self
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.timings is not None:
+            self.timings[self.phase] = self.timings.get(self.phase, 0.0) + time.perf_counter() - self.t0
 
 
 def _positions(backend, batch, gen, how, words, results) -> dict[int, list[int]]:

@@ -122,9 +122,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x, allowed):  # x (B,T,D); allowed (B,1,T,T) bool, True = may attend
+    def forward(self, x, allowed, past=None, keep_kv=None):
+        """x (B,T,D); allowed (B,1,T,S) bool, True = may attend. past: (k, v) of S-T earlier
+        positions (B,H,S-T,D/H) to attend to as well (the prefix cache); keep_kv: a list that
+        receives this call's (k, v)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if keep_kv is not None:
+            keep_kv.append((k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B,H,T,D/H)
         return self.proj(a.transpose(1, 2).reshape(B, T, D))
 
@@ -140,8 +147,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
 
-    def forward(self, x, allowed):
-        x = x + self.attn(self.ln1(x), allowed)
+    def forward(self, x, allowed, past=None, keep_kv=None):
+        x = x + self.attn(self.ln1(x), allowed, past, keep_kv)
         return x + self.mlp(self.ln2(x))
 
 
@@ -257,6 +264,36 @@ class TinyDMLLM(PreTrainedModel):
         # final-norm image states hookable for logit-lens baselines (TAM).
         return self.head(self.ln_f(x)[:, self.canvas_start:])
 
+    # -- prefix cache (prefix-DLM only) -------------------------------------------------------
+    def prefix_cache(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor) -> list:
+        """Per LM block, (k, v) (B,H,P+G*G,d/H) of the prompt and image positions. Under prefix-DLM
+        they never attend to the canvas, so one pass serves every denoising step (LaViDa's
+        prefix KV cache): a step then runs only the L canvas positions. Exact up to float
+        rounding (the same sums in different matmul shapes)."""
+        if not self.config.prefix_lm:
+            raise ValueError("a prefix cache is exact only under prefix_lm")
+        c = self.config
+        n_prefix = self.canvas_start
+        p = self.tok_emb(prompt_ids) + self.type_emb[0]
+        x = torch.cat([p, image_embeds], 1) + self.pos_emb[:, :n_prefix]
+        allowed = self.attention_allowed(prompt_ids)[:, :, :n_prefix, :n_prefix]
+        cache: list = []
+        for block in self.blocks[:-1]:
+            x = block(x, allowed, keep_kv=cache)
+        last = self.blocks[-1]  # its output is never used, only its keys and values
+        cache.append(tuple(last.attn.qkv(last.ln1(x)).view(x.shape[0], n_prefix, 3, c.n_heads, -1)
+                           .permute(2, 0, 3, 1, 4)[1:]))  # (q, k, v) -> (k, v)
+        return cache
+
+    def canvas_logits(self, prompt_ids: torch.Tensor, canvas_ids: torch.Tensor, cache: list) -> torch.Tensor:
+        """(B,L,V) canvas logits from a prefix_cache: equal to forward() under prefix-DLM."""
+        n_prefix = self.canvas_start
+        x = self.tok_emb(canvas_ids) + self.type_emb[2] + self.pos_emb[:, n_prefix:]
+        allowed = self.attention_allowed(prompt_ids)[:, :, n_prefix:]  # canvas queries, all keys
+        for block, past in zip(self.blocks, cache):
+            x = block(x, allowed, past=past)
+        return self.head(self.ln_f(x))
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Also accepts any fsspec URL (s3://bucket/prefix/): copied once to a local cache first."""
@@ -308,7 +345,7 @@ def step_counts(length: int, steps: int) -> list[int]:
 @torch.no_grad()
 def denoise(model: TinyDMLLM, pixels, prompt_ids, steps: int | None = None, block_length: int | None = None,
             temperature: float = 0.0, generator: torch.Generator | None = None,
-            forced_ids: torch.Tensor | None = None) -> Trajectory:
+            forced_ids: torch.Tensor | None = None, use_prefix_cache: bool = True) -> Trajectory:
     """Low-confidence remasking (LLaDA's generate): start from an all-MASK canvas; at each step
     predict every masked position and commit the most confident ones. Semi-autoregressive blocks
     of `block_length` are denoised left to right. temperature 0 is greedy; otherwise Gumbel-max
@@ -316,7 +353,10 @@ def denoise(model: TinyDMLLM, pixels, prompt_ids, steps: int | None = None, bloc
 
     forced_ids (B,L): replay the schedule for a given response instead of sampling: the candidate
     at each masked position is the given token and its confidence is the model's probability of
-    it. This yields the order in which the model would have committed that response."""
+    it. This yields the order in which the model would have committed that response.
+
+    use_prefix_cache: under prefix-DLM, run the prompt and image once and each step only on the
+    canvas (see TinyDMLLM.prefix_cache); False runs the full sequence every step."""
     c = model.config
     B, L = pixels.shape[0], c.response_len
     steps = steps or c.gen_steps
@@ -332,11 +372,13 @@ def denoise(model: TinyDMLLM, pixels, prompt_ids, steps: int | None = None, bloc
     x = torch.full((B, L), mask_id, dtype=torch.long, device=pixels.device)
     commit = torch.full((B, L), -1, dtype=torch.long, device=pixels.device)
     image_embeds = model.image_features(pixels)  # the image never changes across steps
+    cache = model.prefix_cache(prompt_ids, image_embeds) if c.prefix_lm and use_prefix_cache else None
     step = 0
     for blk in range(n_blocks):
         lo, hi = blk * block_length, (blk + 1) * block_length
         for n_commit in step_counts(block_length, steps // n_blocks):
-            logits = model(pixels, prompt_ids, x, inputs_embeds=model.embed(pixels, prompt_ids, x, image_embeds))
+            logits = (model.canvas_logits(prompt_ids, x, cache) if cache is not None else
+                      model(pixels, prompt_ids, x, inputs_embeds=model.embed(pixels, prompt_ids, x, image_embeds)))
             logits[..., mask_id] = -torch.inf
             logits[..., pad_id] = -torch.inf
             probs = logits.float().softmax(-1)

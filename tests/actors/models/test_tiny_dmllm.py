@@ -67,6 +67,31 @@ def test_prefix_lm_blocks_prompt_and_image_from_seeing_the_response(random_model
     assert not torch.allclose(g1[:, :cs], hidden["h"][:, :cs])
 
 
+def test_prefix_cache_gives_the_full_forward_logits(random_model):
+    pixels, prompts = _inputs(random_model, 6)
+    prompts[0, :4] = random_model.config.vocab.index("[PAD]")  # left padding masks keys in both paths
+    canvas = torch.randint(3, 20, (6, random_model.config.response_len))
+    canvas[:, ::3] = random_model.config.vocab.index("[MASK]")
+    with torch.no_grad():
+        full = random_model(pixels, prompts, canvas)
+        cache = random_model.prefix_cache(prompts, random_model.image_features(pixels))
+        fast = random_model.canvas_logits(prompts, canvas, cache)
+    assert full.abs().max() > 0.1 and torch.allclose(fast, full, atol=1e-5)
+    with pytest.raises(ValueError, match="prefix_lm"):
+        TinyDMLLM(TinyDMLLMConfig(prefix_lm=False)).prefix_cache(prompts, random_model.image_features(pixels))
+
+
+def test_cached_denoising_equals_full_sequence_denoising():
+    from actors.models.tiny_backend import TinyBackend
+
+    model = TinyBackend.load().model  # trained: confident, realistic commit orders
+    pixels, prompts = _inputs(model, 48, seed=22)
+    for kw in ({}, {"block_length": 4}, {"forced_ids": denoise(model, pixels, prompts).ids.flip(1)}):
+        a = denoise(model, pixels, prompts, **kw)
+        b = denoise(model, pixels, prompts, use_prefix_cache=False, **kw)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+
+
 def test_forced_trajectory_commits_the_given_tokens(random_model):
     pixels, prompts = _inputs(random_model, 3)
     forced = torch.randint(3, 20, (3, random_model.config.response_len))
