@@ -77,12 +77,13 @@ class ClusterResourceError(RuntimeError):
 
 def ensure_ray(d: dict) -> bool:
     """Connect to RAY_ADDRESS / ray.address when given (ray job submit), else start a local
-    cluster with explicit resources. An already initialised Ray (tests) is reused. Returns True
-    when the cluster may grow (an existing cluster, possibly autoscaled), False when it cannot."""
+    cluster with explicit resources. An already initialised Ray (tests, an application that
+    embeds the job) is reused. Returns True when the cluster may grow (an existing cluster,
+    possibly autoscaled), False when it cannot (a local cluster this process started)."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return not started_local_ray()
     r = d["ray"]
     address = r.get("address") or os.environ.get("RAY_ADDRESS")
     if address:
@@ -96,6 +97,16 @@ def ensure_ray(d: dict) -> bool:
             kwargs[k] = r[k]
     ray.init(**kwargs)
     return False
+
+
+def started_local_ray() -> bool:
+    """Whether the initialised Ray is a local cluster this process started (ray.init() without
+    an address: the driver's node is the head). Ray has no public API for it; the driver's Node
+    object records it (head=True when started, False when connected). Unknown -> False, i.e.
+    assume a cluster that may grow: warn rather than refuse an autoscaling cluster's job."""
+    import ray._private.worker as ray_worker
+
+    return bool(getattr(getattr(ray_worker, "_global_node", None), "head", False))
 
 
 def check_actor_resources(actors_cfg: dict, may_grow: bool, log) -> None:

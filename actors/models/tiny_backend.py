@@ -158,6 +158,11 @@ class TinyBackend(Backend):
         if image_keep is not None:  # a blanked token keeps its position and type, loses its content
             blank = (m.type_emb[1] + m.pos_2d).expand_as(image)
             image = torch.where(image_keep[..., None], image, blank)
+        if not hooks and not torch.is_grad_enabled() and m.config.prefix_lm:
+            # Logits only (faithfulness curves): the last block's prompt and image positions
+            # are needed for their keys and values alone (see TinyDMLLM.prefix_cache).
+            logits = m.canvas_logits(prompt_ids, canvas, m.prefix_cache(prompt_ids, image))
+            return AttributionOutput(logits=logits, activations={})
         x = m.embed(pixels, prompt_ids, canvas, image_embeds=image)
         if torch.is_grad_enabled():  # the graph starts at the LM input: the vision tower is not explained
             x = x.detach().requires_grad_(True)

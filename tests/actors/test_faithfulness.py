@@ -53,10 +53,15 @@ def probed():
 
 
 def _loop_probability(backend, batch, t, keep: np.ndarray) -> float:
+    """One full-sequence forward (no prefix cache): blanked image tokens keep only their type
+    and 2-D position embedding."""
+    m = backend.model
+    pixels, prompt = batch.inputs["pixel_values"][t.sample:t.sample + 1], batch.inputs["prompt_ids"][t.sample:t.sample + 1]
     with torch.no_grad():
-        out = backend.attribution_forward(batch, torch.tensor([t.sample]), t.canvas[None], [],
-                                          image_keep=torch.from_numpy(keep)[None])
-    return float(out.logits[0, t.position].float().softmax(-1)[t.token_id])
+        image = m.image_features(pixels)[0]
+        image = torch.stack([image[c] if keep[c] else m.type_emb[1] + m.pos_2d[c] for c in range(len(keep))])[None]
+        logits = m(None, prompt, t.canvas[None], inputs_embeds=m.embed(None, prompt, t.canvas[None], image_embeds=image))
+    return float(logits[0, t.position].softmax(-1)[t.token_id])
 
 
 @pytest.mark.parametrize("k_steps", [1, 4])

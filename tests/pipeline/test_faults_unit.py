@@ -290,3 +290,20 @@ def test_probe_threads_auto_shares_local_cores_and_defers_to_ray_on_a_cluster(mo
     assert probe_threads({"probe": {"threads": 3}, "actors": {"pool_max": 2}}, may_grow=True) == 3
     assert probe_threads({"probe": {"threads": None}, "actors": {"pool_max": 2}}, may_grow=False) is None
     assert probe_threads({"probe": {"threads": "auto"}, "actors": {"pool_max": 16}}, may_grow=False) == 1
+
+
+def test_preinitialised_ray_may_grow_unless_this_process_started_it(monkeypatch):
+    # Regression: any pre-initialised Ray counted as a fixed local cluster, so an application
+    # that connected to an autoscaling cluster itself and then ran the job was refused at once.
+    import types
+
+    import ray
+    import ray._private.worker as ray_worker
+
+    from pipeline.job import ensure_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for node, may_grow in ((types.SimpleNamespace(head=True), False), (types.SimpleNamespace(head=False), True),
+                           (None, True)):
+        monkeypatch.setattr(ray_worker, "_global_node", node, raising=False)
+        assert ensure_ray({"ray": {}}) is may_grow
