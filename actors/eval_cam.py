@@ -91,8 +91,7 @@ class _Table:
     def summary(self) -> list[dict]:
         out = []
         for name, rows in self.scores.items():
-            mean = {c: float(np.nanmean([r.get(c, math.nan) for r in rows])) if rows else math.nan
-                    for c in COLUMNS if c not in ("f3", "deletion_auc")}
+            mean = {c: _finite_mean([r.get(c, math.nan) for r in rows]) for c in COLUMNS if c not in ("f3", "deletion_auc")}
             mean["f3"] = f3_table(mean["obj_iou"], mean["contrast"], mean["concentration"])
             d = self.deletion.get(name)
             mean["deletion_auc"] = float(np.mean(d)) if d else None
@@ -181,3 +180,11 @@ def format_table(result: dict) -> str:
         cells = " ".join(f"{r[c]:9.3f}" if isinstance(r[c], float) and not math.isnan(r[c]) else f"{'-':>9s}" for c in COLUMNS)
         lines.append(f"{r['name']:28s} {cells}")
     return "\n".join(lines)
+
+
+def _finite_mean(values: list[float]) -> float:
+    """Mean over the defined (non-NaN) values; NaN when there are none (e.g. a score that needs
+    a map property no row has), without numpy's empty-slice warning."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else math.nan
