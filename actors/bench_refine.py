@@ -56,7 +56,8 @@ def run_bench_refine(n_maps: int = 1000, h: int = 12, w: int = 12, seed: int = 0
                      vec_repeats: int = 25, loop_repeats: int = 1) -> dict:
     """Time vectorised vs loop refinement (all modules on, DACG spatial and reference modes).
 
-    Returns {"n_maps", "speedup", "max_abs_diff", "vectorised_s", "loop_s"}; times are CPU
+    Returns {"n_maps", "speedup", "max_abs_diff", "vectorised_s", "loop_s", "vec_repeats",
+    "loop_repeats"}; times are CPU
     seconds of this process, each the best of its repeats (timeit's convention: the minimum is
     the run least disturbed by the rest of the machine), summed over the two DACG modes.
     The vectorised side gets more repeats because one run is ~30 ms, where a noisy neighbour
@@ -64,6 +65,8 @@ def run_bench_refine(n_maps: int = 1000, h: int = 12, w: int = 12, seed: int = 0
     repeats alternate between the two modes, after one warm-up call of each.
     max_abs_diff is over both modes' float32 outputs.
     """
+    if vec_repeats < 1 or loop_repeats < 1:
+        raise ValueError(f"vec_repeats and loop_repeats must be >= 1, got {vec_repeats} and {loop_repeats}")
     maps = make_bench_maps(n_maps, h, w, seed)
     tokens = make_bench_tokens(n_maps, seed=seed)
     configs = [RefineConfig(dacg_mode="spatial", sicd_eos_id=2),

@@ -91,7 +91,7 @@ class _Table:
     def summary(self) -> list[dict]:
         out = []
         for name, rows in self.scores.items():
-            mean = {c: _finite_mean([r.get(c, math.nan) for r in rows]) for c in COLUMNS if c not in ("f3", "deletion_auc")}
+            mean = {c: _mean_ignoring_nan([r.get(c, math.nan) for r in rows]) for c in COLUMNS if c not in ("f3", "deletion_auc")}
             mean["f3"] = f3_table(mean["obj_iou"], mean["contrast"], mean["concentration"])
             d = self.deletion.get(name)
             mean["deletion_auc"] = float(np.mean(d)) if d else None
@@ -182,7 +182,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _finite_mean(values: list[float]) -> float:
+def _mean_ignoring_nan(values: list[float]) -> float:
     """Mean over the defined (non-NaN) values; NaN when there are none (e.g. a score that needs
     a map property no row has), without numpy's empty-slice warning."""
     v = np.asarray(values, dtype=np.float64)

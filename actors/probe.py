@@ -17,6 +17,7 @@ For a batch of samples:
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -272,23 +273,22 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
     timings: if given, seconds spent per phase (response, attribution, faithfulness) are added."""
     from actors.baselines import tam_pass
 
-    clock = _PhaseClock(timings)
     results = [SampleExplanation(index=i) for i in range(len(images))]
     batch, errors = backend.prepare(images, prompts, responses)
     for i, e in errors.items():
         results[i].error = e
     if batch.size == 0:
         return results
-    with clock("response"):
+    with _phase(timings, "response"):
         gen = obtain_response(backend, batch, seed)
     positions = _positions(backend, batch, gen, next(iter(methods.values())).targets, words, results)
     for name, cfg in methods.items():
         targets = build_targets(backend, gen, cfg, positions)
-        with clock("attribution"):
+        with _phase(timings, "attribution"):
             maps = (tam_pass(backend, batch, targets, cfg) if cfg.variant == "tam"
                     else attribution_pass(backend, batch, targets, cfg))
         if cfg.faithfulness_steps:
-            with clock("faithfulness"):
+            with _phase(timings, "faithfulness"):
                 _add_faithfulness(backend, batch, targets, maps, cfg)
         for t, m in zip(targets, maps):
             results[batch.source_index[t.sample]].maps.setdefault(name, []).append(m)
@@ -301,22 +301,23 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
     return results
 
 
-class _PhaseClock:
-    """`with clock("phase"):` adds the block's wall seconds to timings["phase"] (no-op without)."""
+@contextmanager
+def _phase(timings: dict[str, float] | None, name: str):
+    """Adds the block's wall seconds to timings[name] (no-op when timings is None). On a GPU the
+    queue is drained at both ends, so kernels still running are not billed to the next phase."""
+    if timings is None:
+        yield
+        return
+    _sync_cuda()
+    t0 = time.perf_counter()
+    yield
+    _sync_cuda()
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
-    def __init__(self, timings: dict[str, float] | None):
-        self.timings, self.phase, self.t0 = timings, None, 0.0
 
-    def __call__(self, phase: str) -> "_PhaseClock":
-        self.phase = phase
-        return self
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.timings is not None:
-            self.timings[self.phase] = self.timings.get(self.phase, 0.0) + time.perf_counter() - self.t0
+def _sync_cuda() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _positions(backend, batch, gen, how, words, results) -> dict[int, list[int]]:

@@ -281,7 +281,7 @@ class TinyDMLLM(PreTrainedModel):
         for block in self.blocks[:-1]:
             x = block(x, allowed, keep_kv=cache)
         last = self.blocks[-1]  # its output is never used, only its keys and values
-        cache.append(tuple(last.attn.qkv(last.ln1(x)).view(x.shape[0], n_prefix, 3, c.n_heads, -1)
+        cache.append(tuple(last.attn.qkv(last.ln1(x)).view(x.shape[0], n_prefix, 3, c.n_heads, c.d_model // c.n_heads)
                            .permute(2, 0, 3, 1, 4)[1:]))  # (q, k, v) -> (k, v)
         return cache
 

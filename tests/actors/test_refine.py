@@ -345,3 +345,5 @@ def test_bench_smoke_reports_agreement():
     res = run_bench_refine(n_maps=4, h=6, w=7, seed=1, vec_repeats=2)
     assert set(res) == {"n_maps", "speedup", "max_abs_diff", "vectorised_s", "loop_s", "vec_repeats", "loop_repeats"}
     assert res["n_maps"] == 4 and res["max_abs_diff"] <= 1e-6
+    with pytest.raises(ValueError, match="repeats"):
+        run_bench_refine(n_maps=2, h=4, w=4, loop_repeats=0)
