@@ -179,3 +179,12 @@ def test_webdataset_manifest_and_coco_inputs(ray_local, tmp_path, random_ckpt):
         if name == "coco":
             shape_rows = t[t.token.isin(scenes.SHAPES) & t.object_id.notna()]
             assert len(shape_rows) > 0 and shape_rows.obj_iou.notna().all()
+
+
+def test_ray_started_by_this_process_is_a_fixed_local_cluster(ray_local):
+    # Real Ray, not a mock: started_local_ray reads a private attribute of Ray's driver, so a
+    # Ray upgrade that renames it fails here instead of silently turning refusals into warnings.
+    from pipeline.job import ensure_ray, started_local_ray
+
+    assert started_local_ray() is True
+    assert ensure_ray({"ray": {}}) is False
