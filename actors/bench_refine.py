@@ -57,9 +57,9 @@ def run_bench_refine(n_maps: int = 1000, h: int = 12, w: int = 12, seed: int = 0
     """Time vectorised vs loop refinement (all modules on, DACG spatial and reference modes).
 
     Returns {"n_maps", "speedup", "max_abs_diff", "vectorised_s", "loop_s", "vec_repeats",
-    "loop_repeats"}; times are CPU
-    seconds of this process, each the best of its repeats (timeit's convention: the minimum is
-    the run least disturbed by the rest of the machine), summed over the two DACG modes.
+    "loop_repeats"}; times are CPU seconds of this process, each the best of its repeats
+    (timeit's convention: the minimum is the run least disturbed by the rest of the machine),
+    summed over the two DACG modes.
     The vectorised side gets more repeats because one run is ~30 ms, where a noisy neighbour
     shows; the loop (~3 s a mode) averages the noise out within one run. The vectorised
     repeats alternate between the two modes, after one warm-up call of each.

@@ -91,7 +91,8 @@ class _Table:
     def summary(self) -> list[dict]:
         out = []
         for name, rows in self.scores.items():
-            mean = {c: _mean_ignoring_nan([r.get(c, math.nan) for r in rows]) for c in COLUMNS if c not in ("f3", "deletion_auc")}
+            mean = {c: _mean_ignoring_nan([r.get(c, math.nan) for r in rows])
+                    for c in COLUMNS if c not in ("f3", "deletion_auc")}
             mean["f3"] = f3_table(mean["obj_iou"], mean["contrast"], mean["concentration"])
             d = self.deletion.get(name)
             mean["deletion_auc"] = float(np.mean(d)) if d else None

@@ -127,13 +127,18 @@ class Attention(nn.Module):
         positions (B,H,S-T,D/H) to attend to as well (the prefix cache); keep_kv: a list that
         receives this call's (k, v)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.heads(x)
         if keep_kv is not None:
             keep_kv.append((k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B,H,T,D/H)
         return self.proj(a.transpose(1, 2).reshape(B, T, D))
+
+    def heads(self, x):
+        """x (B,T,D) -> q, k, v, each (B,H,T,D/H)."""
+        B, T, D = x.shape
+        return self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
 
 
 class Block(nn.Module):
@@ -272,7 +277,6 @@ class TinyDMLLM(PreTrainedModel):
         rounding (the same sums in different matmul shapes)."""
         if not self.config.prefix_lm:
             raise ValueError("a prefix cache is exact only under prefix_lm")
-        c = self.config
         n_prefix = self.canvas_start
         p = self.tok_emb(prompt_ids) + self.type_emb[0]
         x = torch.cat([p, image_embeds], 1) + self.pos_emb[:, :n_prefix]
@@ -281,8 +285,7 @@ class TinyDMLLM(PreTrainedModel):
         for block in self.blocks[:-1]:
             x = block(x, allowed, keep_kv=cache)
         last = self.blocks[-1]  # its output is never used, only its keys and values
-        cache.append(tuple(last.attn.qkv(last.ln1(x)).view(x.shape[0], n_prefix, 3, c.n_heads, c.d_model // c.n_heads)
-                           .permute(2, 0, 3, 1, 4)[1:]))  # (q, k, v) -> (k, v)
+        cache.append(tuple(last.attn.heads(last.ln1(x))[1:]))  # (q, k, v) -> (k, v)
         return cache
 
     def canvas_logits(self, prompt_ids: torch.Tensor, canvas_ids: torch.Tensor, cache: list) -> torch.Tensor:
