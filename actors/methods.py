@@ -11,7 +11,7 @@ both tables and what each module does on this model (AKD's smoothing halves stri
 """
 from __future__ import annotations
 
-from actors.refine import RefineConfig
+from dcam.actors.refine import RefineConfig
 
 REFINE_NONE = RefineConfig(akd=False, dacg=False, cba=False, sicd=False)
 
@@ -45,9 +45,9 @@ def _preset(spec: dict | str) -> tuple[dict, dict, dict]:
 
 def probe_config(spec: dict | str, backend, overrides: dict | None = None):
     """A method spec is a preset name, or {preset: name, probe: {...}, refine: {...}}.
-    (actors.probe is imported here, not at module level: the CPU stage needs only
+    (actors.probe.targets is imported here, not at module level: the CPU stage needs only
     refine_config and must not pay for importing torch.)"""
-    from actors.probe import ProbeConfig
+    from dcam.actors.probe.targets import ProbeConfig
     spec, probe_fields, _ = _preset(spec)
     probe = {**probe_fields, **(overrides or {}), **(spec.get("probe") or {})}
     probe["hook"] = probe["hook"].format(**backend.named_hooks())

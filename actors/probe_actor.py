@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from actors.methods import resolve_method
-from actors.probe import explain_batch
+from dcam.actors.methods import resolve_method
+from dcam.actors.probe.explain import explain_batch
 
 PASSTHROUGH_DROP = ()  # pixels travel on: the CPU stage makes thumbnails, so the GPU never does
 
@@ -29,7 +29,7 @@ class ModelLoadError(RuntimeError):
 
 class ProbeActor:
     def __init__(self, model_cfg: dict, methods: dict, probe_cfg: dict, testing: dict | None = None):
-        from actors.models import load_backend
+        from dcam.actors.models import load_backend
 
         threads = probe_cfg.get("threads")
         if threads not in (None, "auto"):  # "auto" resolved by the driver (pipeline.job); in-process: torch's default

@@ -286,7 +286,7 @@ def _rgf_chunk(x: np.ndarray, k: int) -> np.ndarray:
     padded = pad_reflect101(x, p)  # reflect without repeating the edge, as numpy mode="reflect"
     planes = [padded[:, a:a + h, b:b + w].copy() for a in range(k) for b in range(k)]
     # Window sums run in raster order with the same float operations as
-    # refine_reference.rgf_loop, so both give bit-identical results: the DACG percentile gate
+    # benchmarks.refine_loop.rgf_loop, so both give bit-identical results: the DACG percentile gate
     # downstream compares pixels with a data value, where a last-bit difference could flip a
     # pixel between the two implementations.
     acc = planes[0].copy()
@@ -405,7 +405,7 @@ def gaussian_blur_reflect101(maps, sigma: float = 0.3, ksize: int = 3) -> np.nda
     """Separable ksize x ksize Gaussian blur of each map, reflect-101 borders (cv2 default).
 
     Vertical pass first, then horizontal, each summed tap by tap in order (the loop twin in
-    refine_reference uses the same order, so the two agree bit for bit).
+    benchmarks.refine_loop uses the same order, so the two agree bit for bit).
     """
     return _blur_reflect101(as_map_batch(maps), sigma, ksize).astype(_out_dtype(maps), copy=False)
 

@@ -16,12 +16,11 @@ import time
 import numpy as np
 from PIL import Image
 
-from actors.methods import refine_config
-from actors.refine import RefineConfig, refine_batch
-from actors.scores import score_map
+from dcam.actors.methods import refine_config
+from dcam.actors.refine import RefineConfig, refine_batch
+from dcam.actors.schema import LOCALISATION_SCORES
+from dcam.actors.scores import score_map
 
-SCORE_KEYS = ("obj_iou", "obj_iou_bestclass", "precision", "recall", "f1", "contrast", "contrast_capped",
-              "concentration", "f3", "pointing", "pointing_tol", "energy", "wrong_object")
 
 
 class RefineScoreStage:
@@ -99,10 +98,10 @@ class RefineScoreStage:
                    map=fine.astype(np.float32).ravel(), map_h=int(fine.shape[0]), map_w=int(fine.shape[1]),
                    raw_map=m["raw_map"].astype(np.float32).ravel(), target_prob=m["target_prob"],
                    deletion_auc=_nan_none(m["deletion_auc"]), insertion_auc=_nan_none(m["insertion_auc"]))
-        scores = dict.fromkeys(SCORE_KEYS)
+        scores = dict.fromkeys(LOCALISATION_SCORES)
         if mask is not None and obj is not None:
             cell = mask.shape[0] / fine.shape[0]
-            scores.update({k: _nan_none(v) for k, v in score_map(fine, mask, int(obj["id"]), cell).items() if k in SCORE_KEYS})
+            scores.update({k: _nan_none(v) for k, v in score_map(fine, mask, int(obj["id"]), cell).items() if k in LOCALISATION_SCORES})
         rec.update(scores)
         return rec
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-SCORE_KEYS = ("obj_iou", "obj_iou_bestclass", "precision", "recall", "f1", "contrast",
-              "contrast_capped", "concentration", "f3", "pointing", "pointing_tol", "energy",
-              "wrong_object")
+from dcam.actors.schema import LOCALISATION_SCORES
+
+SCORE_KEYS = LOCALISATION_SCORES  # what score_map returns, in order
 CONTRAST_CAP = 20.0
 EPS = 1e-8
 FLT_EPSILON = float(np.finfo(np.float32).eps)  # OpenCV's class-weight guard in THRESH_OTSU

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory of `dcam report` on a large synthetic run (not run in CI).
 
-    python benchmarks/bench_report_memory.py [--rows 200000] [--resamples 1000] [--json] [--keep DIR]
+    python -m dcam.benchmarks.bench_report_memory [--rows 200000] [--resamples 1000] [--json] [--keep DIR]
 
 Writes a synthetic results directory in a temp dir, laid out as the job writes it (one zstd
 Parquet file per input shard, one row group per file as pq.write_table does by default, the full
@@ -27,16 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.sinks import FLOAT_SCORES, SCHEMA  # noqa: E402
+from dcam.actors.schema import FLOAT_SCORES
+from dcam.pipeline.sinks import SCHEMA
 
 ROWS_PER_SAMPLE = 10
 SAMPLES_PER_SHARD = 2000
 CHILD = """
 import json, resource, sys, time
 t0 = time.time()
-from pipeline.report import build_report
+from dcam.pipeline.report.build import build_report
 if sys.argv[1] != "--import-only":
     build_report(sys.argv[1], {}, out_dir=sys.argv[2], log=lambda m: None, resamples=int(sys.argv[3]))
 try:  # VmHWM: peak RSS of this exec'd image (ru_maxrss can carry the parent's high-water mark over fork)
@@ -51,7 +50,7 @@ def thumbnails(n: int = 256) -> tuple[list[bytes], list[bytes]]:
     """n distinct 128 px scene PNGs and their mask PNGs."""
     from PIL import Image
 
-    from actors.scenes import make_scene
+    from dcam.actors.scenes import make_scene
 
     out, masks = [], []
     for i in range(n):

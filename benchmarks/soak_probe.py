@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory soak of the probe path: does a long-lived ProbeActor + RefineScoreStage leak? (not run in CI)
 
-    python benchmarks/soak_probe.py [--n 10000] [--batch-size 16] [--faithfulness-steps 8]
+    python -m dcam.benchmarks.soak_probe [--n 10000] [--batch-size 16] [--faithfulness-steps 8]
                                     [--model-source DIR] [--threads K] [--json]
 
 Streams --n held-out synthetic scenes (actors.scenes.make_scene(seed, i), seed 7000 by default,
@@ -32,10 +32,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from actors import scenes  # noqa: E402
-from pipeline.decode import decoded_batch  # noqa: E402
+from dcam.actors import scenes
+from dcam.pipeline.decode import decoded_batch
 
 METHODS = {"diffusion_cam": {"preset": "diffusion_cam"}}
 SINK = {"thumbnails": True, "thumbnail_size": 128}
@@ -110,8 +108,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from actors.probe_actor import ProbeActor
-    from actors.score_stage import RefineScoreStage
+    from dcam.actors.probe_actor import ProbeActor
+    from dcam.actors.score_stage import RefineScoreStage
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
     model_cfg = {"backend": "tiny", "device": a.device}

@@ -3,7 +3,6 @@ evaluation and benchmark commands take --json and then print exactly one JSON ob
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 COMMANDS = {
@@ -50,19 +49,12 @@ def _options_first(args: list[str]) -> list[str]:
     return opts + rest
 
 
-def _emit(result: dict, as_json: bool, table: str | None = None) -> None:
-    if as_json:
-        print(json.dumps(result, default=float))
-    else:
-        print(table if table is not None else json.dumps(result, indent=1, default=float))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # `dcam` alone (or `dcam k=v ...`) is `dcam run`
     args = _parser().parse_args([argv[0], *_options_first(argv[1:])])
-    from pipeline import commands
+    from dcam.pipeline import commands  # lazily: `dcam --help` must not import torch or Ray
 
     handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
     try:

@@ -4,24 +4,31 @@ from __future__ import annotations
 import json
 import sys
 
-from pipeline.cli import _emit
-from pipeline.config import load_config, to_dict
+from dcam.pipeline.config import load_config, to_dict
+
+
+def emit(result: dict, as_json: bool, table: str | None = None) -> None:
+    """Print a command's figures: one JSON object with --json, else the table (or indented JSON)."""
+    if as_json:
+        print(json.dumps(result, default=float))
+    else:
+        print(table if table is not None else json.dumps(result, indent=1, default=float))
 
 
 def cmd_synth(args) -> int:
-    from actors import scenes
-    from pipeline.synth import write_corpus
+    from dcam.actors import scenes
+    from dcam.pipeline.synth import write_corpus
 
     cfg = to_dict(load_config("synth", args.overrides))
     sc = scenes.SceneConfig(size=cfg["size"], min_objects=cfg["min_objects"], max_objects=cfg["max_objects"],
                             clutter=cfg["clutter"], prompt=cfg["prompt"])
     urls = write_corpus(cfg["output"], cfg["n"], cfg["seed"], cfg["shard_size"], sc, cfg.get("storage") or {})
-    _emit({"n": cfg["n"], "shards": urls}, args.json, f"wrote {cfg['n']} scenes in {len(urls)} shards to {cfg['output']}")
+    emit({"n": cfg["n"], "shards": urls}, args.json, f"wrote {cfg['n']} scenes in {len(urls)} shards to {cfg['output']}")
     return 0
 
 
 def cmd_train_tiny(args) -> int:
-    from actors.models.train_tiny import QualityGateError, TrainConfig, train_tiny
+    from dcam.training.train_tiny import QualityGateError, TrainConfig, train_tiny
 
     tc = TrainConfig(**to_dict(load_config("train_tiny", args.overrides)))
     try:
@@ -29,15 +36,15 @@ def cmd_train_tiny(args) -> int:
     except QualityGateError as e:
         print(f"quality gate failed, no checkpoint written: {e}", file=sys.stderr)
         return 2
-    _emit(report, args.json)
+    emit(report, args.json)
     return 0
 
 
 def cmd_eval_tiny(args) -> int:
-    from actors.models import load_backend
-    from actors.models.caption_eval import caption_quality
-    from actors.models.train_tiny import VALIDATION_SEED
-    from actors.scenes import TRAIN_SEEDS
+    from dcam.actors.models import load_backend
+    from dcam.evals.eval_tiny import caption_quality
+    from dcam.training.train_tiny import VALIDATION_SEED
+    from dcam.actors.scenes import TRAIN_SEEDS
 
     cfg = to_dict(load_config("eval_tiny", args.overrides))
     if cfg["seed"] in TRAIN_SEEDS or cfg["seed"] == VALIDATION_SEED:
@@ -48,45 +55,45 @@ def cmd_eval_tiny(args) -> int:
     table = (f"held-out scenes (seed {cfg['seed']}): n={q['n']}\n"
              f"  exact match   {q['exact_match']:.4f}\n  word accuracy {q['word_acc']:.4f}\n"
              f"  colour words  {q['colour_acc']:.4f}\n  shape words   {q['shape_acc']:.4f}")
-    _emit(q, args.json, table)
+    emit(q, args.json, table)
     return 0
 
 
 def cmd_eval_cam(args) -> int:
-    from actors.eval_cam import format_table, run_eval_cam
+    from dcam.evals.eval_cam import format_table, run_eval_cam
 
     cfg = to_dict(load_config("eval_cam", args.overrides))
     result = run_eval_cam(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    _emit(result, args.json, format_table(result))
+    emit(result, args.json, format_table(result))
     return 0
 
 
 def cmd_bench_refine(args) -> int:
-    from actors.bench_refine import run_bench_refine
+    from dcam.benchmarks.bench_refine import run_bench_refine
 
     cfg = to_dict(load_config("bench_refine", args.overrides))
-    _emit(run_bench_refine(**cfg), args.json)
+    emit(run_bench_refine(**cfg), args.json)
     return 0
 
 
 def cmd_bench_probe(args) -> int:
-    from actors.bench_probe import run_bench_probe
+    from dcam.benchmarks.bench_probe import run_bench_probe
 
     cfg = to_dict(load_config("bench_probe", args.overrides))
-    _emit(run_bench_probe(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)), args.json)
+    emit(run_bench_probe(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)), args.json)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from pipeline.bench import run_bench
+    from dcam.benchmarks.bench_pipeline import run_bench
 
     cfg = load_config("bench", args.overrides)
-    _emit(run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)), args.json)
+    emit(run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)), args.json)
     return 0
 
 
 def cmd_run(args) -> int:
-    from pipeline.job import run_job
+    from dcam.pipeline.job import run_job
 
     cfg = load_config("run", args.overrides)
     summary = run_job(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -96,6 +103,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import main_report
+    from dcam.pipeline.report.build import main_report
 
     return main_report(args)

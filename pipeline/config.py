@@ -11,7 +11,7 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf import conf_path
+from dcam.conf import conf_path
 
 GROUPS = ("model",)
 NOT_HASHED = ("input", "output", "ray", "actors", "storage", "report", "testing", "progress")

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from actors.scenes import DEFAULT_PROMPT
-from pipeline.storage import (RetriesExhaustedError, SchemeNotAllowedError, StorageError, describe_error, read_bytes,
+from dcam.actors.scenes import DEFAULT_PROMPT
+from dcam.pipeline.storage import (RetriesExhaustedError, SchemeNotAllowedError, StorageError, describe_error, read_bytes,
                               redact, safe_options, secrets_of)
 
 DEFAULT_MAX_PIXELS = 40_000_000

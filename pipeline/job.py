@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline.config import config_hash, to_dict
-from pipeline.manifest import SUCCESS, RunDir, compact, load_or_create_manifest, parts_of, reconcile
-from pipeline.sources import list_shards
+from dcam.pipeline.config import config_hash, to_dict
+from dcam.pipeline.manifest import SUCCESS, RunDir, compact, load_or_create_manifest, parts_of, reconcile
+from dcam.pipeline.sources import list_shards
 
 
 class JobIncompleteError(RuntimeError):
@@ -31,8 +31,8 @@ class DriverInterrupted(RuntimeError):
 def read_rows(item: dict, storage_options: dict, source: dict):
     """One shard -> its raw rows. A shard that fails mid-read still yields one error row for each
     of its remaining rows (ids derived from the shard), so input and output counts always match."""
-    from pipeline.sources import ShardSpec, read_shard
-    from pipeline.storage import describe_error, secrets_of
+    from dcam.pipeline.sources import ShardSpec, read_shard
+    from dcam.pipeline.storage import describe_error, secrets_of
 
     spec = ShardSpec(item["url"], item["format"], item["shard_key"])
     n = 0
@@ -51,7 +51,7 @@ def read_rows(item: dict, storage_options: dict, source: dict):
 def read_decoded_rows(item: dict, cfg: dict):
     """One shard -> its decoded rows (read and decode fused in one CPU task: one worker import,
     no intermediate block of encoded images)."""
-    from pipeline.decode import DecodeStage
+    from dcam.pipeline.decode import DecodeStage
 
     stage = DecodeStage(cfg)
     for raw in read_rows(item, cfg.get("storage") or {}, cfg["source"]):
@@ -59,13 +59,13 @@ def read_decoded_rows(item: dict, cfg: dict):
 
 
 def refine_score_batch(batch, methods: dict, sink_cfg: dict, cfg_hash: str):
-    from actors.score_stage import RefineScoreStage
+    from dcam.actors.score_stage import RefineScoreStage
 
     return RefineScoreStage(methods, sink_cfg, cfg_hash)(batch)
 
 
 def write_batch(batch, run_url: str, cfg_hash: str, shard_keys: dict, storage_options: dict):
-    from pipeline.sinks import WriteStage
+    from dcam.pipeline.sinks import WriteStage
 
     return WriteStage(run_url, cfg_hash, shard_keys, storage_options)(batch)
 
@@ -148,7 +148,7 @@ def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from actors.probe_actor import ProbeActor
+    from dcam.actors.probe_actor import ProbeActor
 
     so = d.get("storage") or {}
     bs = int(d["probe"]["batch_size"])
@@ -218,7 +218,7 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
 
 
 def run_job(cfg, log=print) -> dict:
-    from pipeline.summary import finish_run
+    from dcam.pipeline.report.summary import finish_run
 
     d = to_dict(cfg)
     h = config_hash(cfg)
@@ -226,15 +226,15 @@ def run_job(cfg, log=print) -> dict:
 
     source = d["model"].get("source")
     if source is None and d["model"].get("backend", "tiny") == "tiny":
-        from actors.models.tiny_backend import SHIPPED_WEIGHTS
+        from dcam.actors.models.tiny_backend import SHIPPED_WEIGHTS
 
         source = SHIPPED_WEIGHTS  # fail here, not inside every actor, if the package lacks its weights
     if d["model"].get("source") and "://" in str(d["model"]["source"]) and not d["model"].get("storage_options"):
-        from pipeline.storage import fsspec_kwargs, scheme_of
+        from dcam.pipeline.storage import fsspec_kwargs, scheme_of
 
         src = str(d["model"]["source"])  # a remote checkpoint uses the run's storage settings unless it has its own
         d["model"]["storage_options"] = fsspec_kwargs(scheme_of(src), so)
-    from actors.models.loading import ALLOWED_SCHEMES, preflight
+    from dcam.actors.models.loading import ALLOWED_SCHEMES, preflight
 
     preflight(source, bool(d["model"].get("trust_remote_code", False)), d["model"].get("storage_options"),
               allowed_schemes=tuple(so.get("allowed_schemes") or ALLOWED_SCHEMES))
@@ -254,8 +254,8 @@ def run_job(cfg, log=print) -> dict:
 
 def synthesise_default(run: RunDir, d: dict, log) -> str:
     """The no-argument run: a fresh held-out corpus written once into <output>/input."""
-    from actors import scenes
-    from pipeline.synth import write_corpus
+    from dcam.actors import scenes
+    from dcam.pipeline.synth import write_corpus
 
     s = d["synth"]
     url = f"{run.url.rstrip('/')}/input"

@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sinks import DEDUP_KEY, final_name
-from pipeline.sources import ShardSpec, count_rows
-from pipeline.storage import open_fs, with_retries
+from dcam.actors.schema import DEDUP_KEY
+from dcam.pipeline.sinks import final_name
+from dcam.pipeline.sources import ShardSpec, count_rows
+from dcam.pipeline.storage import open_fs, with_retries
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
@@ -112,7 +113,7 @@ def distinct_rows(run: RunDir, parts: list[str]) -> int:
 
 def compact(run: RunDir, entry: ShardEntry, config_hash: str, parts: list[str]) -> int:
     """Merge a complete shard's parts into its final file (deduplicated); returns output rows."""
-    from pipeline.sinks import SCHEMA
+    from dcam.pipeline.sinks import SCHEMA
 
     tables = [SCHEMA.empty_table()]
     for p in parts:

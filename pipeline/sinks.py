@@ -18,23 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FLOAT_SCORES = ("obj_iou", "obj_iou_bestclass", "precision", "recall", "f1", "contrast", "contrast_capped",
-                "concentration", "f3", "pointing", "pointing_tol", "energy", "wrong_object", "func_iou",
-                "deletion_auc", "insertion_auc", "target_prob")
+from dcam.actors.schema import COLUMNS
 
-SCHEMA = pa.schema(
-    [("id", pa.string()), ("shard", pa.string()), ("row_index", pa.int64()), ("prompt", pa.string()),
-     ("response", pa.string()), ("response_source", pa.string()), ("token", pa.string()),
-     ("token_index", pa.int32()), ("word_type", pa.string()), ("object_id", pa.int32()), ("category", pa.string()),
-     ("method", pa.string()), ("refine", pa.string()), ("hook", pa.string()), ("layer", pa.int32()),
-     ("state", pa.string()), ("step", pa.int32()), ("map", pa.list_(pa.float32())), ("map_h", pa.int32()),
-     ("map_w", pa.int32()), ("raw_map", pa.list_(pa.float32()))]
-    + [(k, pa.float64()) for k in FLOAT_SCORES]
-    + [("status", pa.string()), ("error", pa.string()), ("error_kind", pa.string()), ("notes", pa.string()),
-       ("model_id", pa.string()), ("config_hash", pa.string()), ("probe_ms", pa.float64()), ("refine_ms", pa.float64()),
-       ("thumbnail", pa.binary()), ("mask_thumbnail", pa.binary())])
-
-DEDUP_KEY = ("row_index", "method", "token_index", "step")
+ARROW_TYPES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
+               "binary": pa.binary(), "list<float32>": pa.list_(pa.float32())}
+SCHEMA = pa.schema([(c.name, ARROW_TYPES[c.type]) for c in COLUMNS])
 
 
 def records_table(records: list[dict]) -> pa.Table:
@@ -69,14 +57,14 @@ class WriteStage:
 
     def _filesystem(self):
         if self._fs is None:
-            from pipeline.storage import open_fs
+            from dcam.pipeline.storage import open_fs
 
             self._fs, root = open_fs(self.run_dir, self.storage_options)
             self._root = root.rstrip("/")
         return self._fs, self._root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.storage import retry_settings, secrets_of, with_retries
+        from dcam.pipeline.storage import retry_settings, secrets_of, with_retries
 
         fs, root = self._filesystem()
         by_shard: dict[str, list[int]] = {}

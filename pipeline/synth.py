@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from actors import scenes
+from dcam.actors import scenes
 
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()),
                     ("response", pa.string()), ("mask", pa.binary()), ("objects", pa.string())])
@@ -37,7 +37,7 @@ def write_corpus(output: str, n: int, seed: int, shard_size: int, scene_cfg: sce
                  storage_options: dict | None = None, with_response: bool = True) -> list[str]:
     """Shards shard-00000.parquet, ... under `output` (any fsspec URL). Same arguments give
     byte-identical files. Returns the shard URLs."""
-    from pipeline.storage import open_fs
+    from dcam.pipeline.storage import open_fs
 
     fs, root = open_fs(output, storage_options)
     fs.makedirs(root, exist_ok=True)

@@ -98,7 +98,7 @@ def random_ckpt(tmp_path_factory):
     """An untrained tiny checkpoint: pipeline wiring tests do not depend on map quality."""
     import torch
 
-    from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
+    from dcam.actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
 
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)

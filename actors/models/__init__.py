@@ -22,7 +22,7 @@ def load_backend(model_cfg: dict):
     kind = model_cfg.get("backend", "tiny")
     device = resolve_device(model_cfg.get("device"))
     if kind == "tiny":
-        from actors.models.tiny_backend import TinyBackend
+        from dcam.actors.models.tiny_backend import TinyBackend
 
         backend = TinyBackend.load(model_cfg.get("source"), device=device, gen_steps=model_cfg.get("gen_steps"),
                                    block_length=model_cfg.get("block_length"),
@@ -35,7 +35,7 @@ def load_backend(model_cfg: dict):
         backend.model.to(dtype)
         return backend
     if kind == "diffusion_gemma":
-        from actors.models.diffusion_gemma import DiffusionGemmaBackend
+        from dcam.actors.models.diffusion_gemma import DiffusionGemmaBackend
 
         return DiffusionGemmaBackend.load(model_cfg, device=device, dtype=resolve_dtype(model_cfg.get("dtype"), device))
     raise ValueError(f"unknown model backend {kind!r} (known: tiny, diffusion_gemma)")

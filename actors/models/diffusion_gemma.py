@@ -38,7 +38,7 @@ How dcam maps that onto the protocol
   reaches the canvas logits only if a later layer's K/V are computed from it: the output of the last
   encoder layer, its internals and the encoder's final norm never do (gradients would be
   identically zero); asking for their gradient raises StructuralStateError. Decoder hooks hold no
-  image span: `actors.probe.slice_grid` raises StructuralStateError for them.
+  image span: `actors.probe.grid.slice_grid` raises StructuralStateError for them.
 
 Hook points (stream in brackets)
 --------------------------------
@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from actors.models.protocol import (AttributionOutput, Backend, Generation, ImageSpan, PreparedBatch, SampleError,
+from dcam.actors.models.protocol import (AttributionOutput, Backend, Generation, ImageSpan, PreparedBatch, SampleError,
                                     StructuralStateError)
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class DiffusionGemmaBackend(Backend):
         from transformers import AutoConfig
         from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaForBlockDiffusion
 
-        from actors.models.loading import CheckpointError, check_remote_code, resolve_checkpoint
+        from dcam.actors.models.loading import CheckpointError, check_remote_code, resolve_checkpoint
 
         source = model_cfg.get("source")
         if not source:
@@ -719,7 +719,7 @@ def _load_text_and_image_processing(local: str, model, how: str, trust: bool):
     if not has_tok:
         vocab = model.config.get_text_config().vocab_size
         if vocab > 4096:
-            from actors.models.loading import CheckpointError
+            from dcam.actors.models.loading import CheckpointError
 
             raise CheckpointError(f"checkpoint {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); the "
                                   "byte tokenizer fallback is only for tiny test models (model.tokenizer=byte forces it)")

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from actors import scenes
-from actors.models.protocol import AttributionOutput, Backend, Generation, ImageSpan, PreparedBatch, SampleError
-from actors.models.tiny_dmllm import TinyDMLLM, UnknownWordError, WordTokenizer, denoise, normalise_pixels
+from dcam.actors import scenes
+from dcam.actors.models.protocol import AttributionOutput, Backend, Generation, ImageSpan, PreparedBatch, SampleError
+from dcam.actors.models.tiny_dmllm import TinyDMLLM, UnknownWordError, WordTokenizer, denoise, normalise_pixels
 
 SHIPPED_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "tiny")
 
@@ -37,7 +37,7 @@ class TinyBackend(Backend):
     @classmethod
     def load(cls, source: str | None = None, trust_remote_code: bool = False, storage_options: dict | None = None,
              cache_dir: str | None = None, **kwargs) -> "TinyBackend":
-        from actors.models.loading import check_remote_code, resolve_checkpoint
+        from dcam.actors.models.loading import check_remote_code, resolve_checkpoint
 
         local = (resolve_checkpoint(source, cache_dir=cache_dir, storage_options=storage_options) if source
                  else SHIPPED_WEIGHTS)

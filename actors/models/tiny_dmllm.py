@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel
 
-from actors import scenes
+from dcam.actors import scenes
 
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[EOS]")
 PROMPT_WORDS = ("describe", "the", "image", "what", "is", "in", "caption")
@@ -300,7 +300,7 @@ class TinyDMLLM(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Also accepts any fsspec URL (s3://bucket/prefix/): copied once to a local cache first."""
-        from actors.models.loading import resolve_checkpoint
+        from dcam.actors.models.loading import resolve_checkpoint
 
         return super().from_pretrained(resolve_checkpoint(str(pretrained_model_name_or_path)), *args, **kwargs)
 
@@ -407,3 +407,25 @@ def denoise(model: TinyDMLLM, pixels, prompt_ids, steps: int | None = None, bloc
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
+def encode_prompts(tok: WordTokenizer, prompts: list[str], max_len: int) -> torch.Tensor:
+    """(B, max_len) left-padded prompt ids."""
+    out = torch.full((len(prompts), max_len), tok.pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p)
+        if len(ids) > max_len:
+            raise ValueError(f"prompt has {len(ids)} words; the tiny model takes at most {max_len}")
+        if ids:
+            out[i, max_len - len(ids):] = torch.tensor(ids)
+    return out
+
+
+def encode_responses(tok: WordTokenizer, responses: list[str], length: int) -> torch.Tensor:
+    """(B, length) response ids, EOS-padded."""
+    out = torch.full((len(responses), length), tok.eos_id, dtype=torch.long)
+    for i, r in enumerate(responses):
+        ids = tok.encode(r)
+        if len(ids) >= length:
+            raise ValueError(f"response has {len(ids)} words; the tiny model's canvas holds {length - 1}")
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out

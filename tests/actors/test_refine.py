@@ -8,9 +8,9 @@ import pytest
 from scipy import ndimage
 from scipy.optimize import minimize_scalar
 
-from actors import refine as R
-from actors import refine_reference as L
-from actors.bench_refine import run_bench_refine
+from dcam.actors import refine as R
+from dcam.benchmarks import refine_loop as L
+from dcam.benchmarks.bench_refine import run_bench_refine
 
 
 def random_maps(n=5, h=7, w=9, seed=0, zeros=0.2):

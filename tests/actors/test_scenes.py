@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from actors import scenes
+from dcam.actors import scenes
 
 
 def test_same_seed_same_scene_and_different_seed_differs():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors import scores as S
+from dcam.actors import scores as S
 
 
 def two_object_mask(size=48):

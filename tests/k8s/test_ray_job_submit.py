@@ -17,7 +17,6 @@ import json
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -43,7 +42,7 @@ def _load_helper():
 def _untrained_checkpoint(d: Path) -> str:
     import torch
 
-    from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
+    from dcam.actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
 
     torch.manual_seed(0)
     cfg = TinyDMLLMConfig()

@@ -27,7 +27,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.storage import join_url, open_fs
+from dcam.pipeline.storage import join_url, open_fs
 
 SIZE = (16, 12)  # PIL (width, height) of the ordinary test images
 OBJECTS = json.dumps([{"id": 1, "words": ["red", "square"], "category": "square", "bbox": [2, 2, 8, 8]}])

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pyarrow.dataset as pads
 
-from pipeline.config import load_config
-from pipeline.job import run_job
+from dcam.pipeline.config import load_config
+from dcam.pipeline.job import run_job
 
 FAST = ["probe.faithfulness_steps=2", "report.enabled=false", "probe.batch_size=8", "actors.num_gpus=1",
         "ray.progress_bars=false"]
@@ -15,7 +15,7 @@ def _run(overrides, log=lambda m: None):
 
 
 def _results(url, storage_options=None):
-    from pipeline.manifest import RunDir
+    from dcam.pipeline.manifest import RunDir
 
     run = RunDir(url, storage_options or {})
     return pads.dataset(run.path("results"), filesystem=run.fs, format="parquet").to_table()

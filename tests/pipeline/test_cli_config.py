@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from pipeline.cli import _options_first, _parser, main
-from pipeline.config import config_hash, load_config
+from dcam.pipeline.cli import _options_first, _parser, main
+from dcam.pipeline.config import config_hash, load_config
 
 
 def test_group_selection_and_overrides():

@@ -10,9 +10,9 @@ from PIL import Image
 
 from badinput import FLAKY_SECRET, SIZE, FlakyFS, encode, flaky, outcome_key, rgb_image, special_images  # noqa: F401
 from badinput import write_bad_input_shard
-from pipeline.decode import (DECODED_COLUMNS, DecodeError, DecodeStage, check_objects, decode_image, decode_mask,
+from dcam.pipeline.decode import (DECODED_COLUMNS, DecodeError, DecodeStage, check_objects, decode_image, decode_mask,
                              decoded_schema, resize_nearest)
-from pipeline.sources import count_rows, list_shards, read_shard
+from dcam.pipeline.sources import count_rows, list_shards, read_shard
 
 
 def as_batch(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -126,12 +126,12 @@ def test_stage_contract_and_never_raises(monkeypatch):
     assert blank["notes"] == "default_prompt;empty_response"
     import pyarrow as pa
 
-    import pipeline.decode
+    import dcam.pipeline.decode
 
     def bug(*a, **k):
         raise RuntimeError(f"bug with secret {FLAKY_SECRET}")
 
-    monkeypatch.setattr(pipeline.decode, "decode_image", bug)
+    monkeypatch.setattr(dcam.pipeline.decode, "decode_image", bug)
     out = run_stage([raw(image=good)], {"storage": {"secret": FLAKY_SECRET}})
     assert out[0]["error_kind"] == "internal" and FLAKY_SECRET not in out[0]["error"]
     monkeypatch.undo()

@@ -24,10 +24,10 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from badinput import FLAKY_SECRET, FlakyFS, flaky  # noqa: F401 - fixture
-from pipeline.job import read_rows
-from pipeline.sinks import WriteStage, part_name
-from pipeline.sources import make_shard_key
-from pipeline.storage import RetriesExhaustedError
+from dcam.pipeline.job import read_rows
+from dcam.pipeline.sinks import WriteStage, part_name
+from dcam.pipeline.sources import make_shard_key
+from dcam.pipeline.storage import RetriesExhaustedError
 
 SECRET = "dcamSECRET-faults-" + uuid.uuid4().hex  # planted in the storage options; must never surface
 ATTEMPTS = 3
@@ -281,7 +281,7 @@ def test_probe_threads_auto_shares_local_cores_and_defers_to_ray_on_a_cluster(mo
     # the probe used 1 of 2 cores (dcam bench: pipeline 0.67x the in-process loop).
     import os
 
-    from pipeline.job import probe_threads
+    from dcam.pipeline.job import probe_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     d = {"probe": {"threads": "auto"}, "actors": {"pool_max": 2}}
@@ -300,7 +300,7 @@ def test_preinitialised_ray_may_grow_unless_this_process_started_it(monkeypatch)
     import ray
     import ray._private.worker as ray_worker
 
-    from pipeline.job import ensure_ray
+    from dcam.pipeline.job import ensure_ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     for node, may_grow in ((types.SimpleNamespace(head=True), False), (types.SimpleNamespace(head=False), True),

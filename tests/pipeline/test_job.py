@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from actors import scenes
-from pipeline.config import load_config
-from pipeline.job import DriverInterrupted
-from pipeline.synth import write_corpus
+from dcam.actors import scenes
+from dcam.pipeline.config import load_config
+from dcam.pipeline.job import DriverInterrupted
+from dcam.pipeline.synth import write_corpus
 
 from jobutil import FAST, _keys, _results, _run
 
@@ -36,7 +36,7 @@ print(json.dumps(dict(ray='ray' in sys.modules, ids=int(df.id.nunique()), shape=
                       types=str(t.schema.field('map').type), tok=sorted(set(ok.token)))))
 """
     out = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
-    from actors.models.tiny_dmllm import TinyDMLLMConfig
+    from dcam.actors.models.tiny_dmllm import TinyDMLLMConfig
 
     g = TinyDMLLMConfig().grid
     assert out["ray"] is False and out["ids"] == 20 and out["shape"] == [g, g]
@@ -102,10 +102,10 @@ def test_killed_actor_still_yields_every_row_exactly_once(ray_local, tmp_path, r
 
 
 def test_stage_topology_probe_actor_not_fused(ray_local, tmp_path, random_ckpt):
-    from pipeline.config import config_hash, to_dict
-    from pipeline.job import build_dataset
-    from pipeline.manifest import RunDir, load_or_create_manifest
-    from pipeline.sources import list_shards
+    from dcam.pipeline.config import config_hash, to_dict
+    from dcam.pipeline.job import build_dataset
+    from dcam.pipeline.manifest import RunDir, load_or_create_manifest
+    from dcam.pipeline.sources import list_shards
 
     write_corpus(str(tmp_path / "in"), 8, 1105, 8, scenes.SceneConfig())
     cfg = load_config("run", [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", f"model.source={random_ckpt}", *FAST])
@@ -122,7 +122,7 @@ def test_stage_topology_probe_actor_not_fused(ray_local, tmp_path, random_ckpt):
 
 
 def _scene_pngs(seed, n):
-    from pipeline.synth import png_bytes
+    from dcam.pipeline.synth import png_bytes
 
     return [(f"s{seed}-{i}", scenes.make_scene(seed, i)) for i in range(n)], png_bytes
 
@@ -184,7 +184,7 @@ def test_webdataset_manifest_and_coco_inputs(ray_local, tmp_path, random_ckpt):
 def test_ray_started_by_this_process_is_a_fixed_local_cluster(ray_local):
     # Real Ray, not a mock: started_local_ray reads a private attribute of Ray's driver, so a
     # Ray upgrade that renames it fails here instead of silently turning refusals into warnings.
-    from pipeline.job import ensure_ray, started_local_ray
+    from dcam.pipeline.job import ensure_ray, started_local_ray
 
     assert started_local_ray() is True
     assert ensure_ray({"ray": {}}) is False

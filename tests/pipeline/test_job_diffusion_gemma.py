@@ -8,9 +8,9 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from actors import scenes
-from actors.models.diffusion_gemma import tiny_config
-from pipeline.synth import write_corpus
+from dcam.actors import scenes
+from dcam.actors.models.diffusion_gemma import tiny_config
+from dcam.pipeline.synth import write_corpus
 
 from jobutil import FAST, _keys, _results, _run
 
@@ -59,7 +59,7 @@ def test_run_diffusion_gemma_from_local_dir_and_s3_prefix(ray_local, tmp_path, s
     # maps on the checkpoint's soft-token grid for these scenes at a 70-token budget
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from actors.models.diffusion_gemma import DiffusionGemmaBackend
+    from dcam.actors.models.diffusion_gemma import DiffusionGemmaBackend
 
     be = DiffusionGemmaBackend(DiffusionGemmaForBlockDiffusion.from_pretrained(str(dg_ckpt)), max_soft_tokens=70)
     span = be.prepare([np.zeros((96, 96, 3), np.uint8)], ["x"])[0].spans[0]

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from actors import scenes
-from pipeline.synth import write_corpus
+from dcam.actors import scenes
+from dcam.pipeline.synth import write_corpus
 from badinput import outcome_key, write_bad_input_shard
 from jobutil import FAST, _keys, _results, _run
 
@@ -45,7 +45,7 @@ def test_bad_input_corpus_every_row_accounted_for(ray_local, tmp_path, random_ck
 def _dcam(args, tmp_path, **kw):
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args], env=env, start_new_session=True,
+    return subprocess.Popen([sys.executable, "-m", "dcam", "run", *args], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path), **kw)
 
 
@@ -137,7 +137,7 @@ def test_actor_request_no_node_can_host_fails_fast_instead_of_hanging(tmp_path, 
 
 
 def test_missing_checkpoint_is_refused_before_ray(tmp_path):
-    from actors.models.loading import CheckpointError
+    from dcam.actors.models.loading import CheckpointError
 
     with pytest.raises(CheckpointError, match="not found"):
         _run([f"output={tmp_path / 'out'}", f"model.source={tmp_path / 'nope'}"])

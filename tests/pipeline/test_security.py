@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from actors import scenes
-from actors.models import load_backend
-from actors.models.loading import CheckpointError
-from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
+from dcam.actors import scenes
+from dcam.actors.models import load_backend
+from dcam.actors.models.loading import CheckpointError
+from dcam.actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
 from jobutil import FAST, _results, _run
-from pipeline import storage
-from pipeline.storage import DEFAULT_ALLOWED_SCHEMES, SchemeNotAllowedError
-from pipeline.synth import png_bytes, write_corpus
+from dcam.pipeline import storage
+from dcam.pipeline.storage import DEFAULT_ALLOWED_SCHEMES, SchemeNotAllowedError
+from dcam.pipeline.synth import png_bytes, write_corpus
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 WITH_REPORT = [o for o in FAST if not o.startswith("report.")] + ["report.enabled=true"]
@@ -52,7 +52,7 @@ def tiny_ckpt(path, auto_map_in: str | None = "config.json") -> str:
 @pytest.fixture
 def no_ray_work(monkeypatch):
     """Record (and refuse) any attempt of run_job to start Ray or the streaming execution."""
-    import pipeline.job as job
+    import dcam.pipeline.job as job
 
     calls = []
 
@@ -144,8 +144,8 @@ def test_allowed_schemes_can_extend_and_restrict_the_list(tmp_path, monkeypatch,
     """storage.allowed_schemes governs data URLs (input, output, shards) and the model source."""
     import fsspec
 
-    import pipeline.job as job
-    from pipeline.sources import list_shards
+    import dcam.pipeline.job as job
+    from dcam.pipeline.sources import list_shards
 
     fsspec.register_implementation("dcamextra", _ExtraFS, clobber=True)
     extended = [*DEFAULT_ALLOWED_SCHEMES, "dcamextra"]
@@ -335,7 +335,7 @@ def test_credentials_in_an_input_url_never_reach_outputs(tmp_path, http_dir, mon
     """An input URL with user-info (https://user:password@host/...) is either refused with a
     StorageError or accepted; either way the password must not reach manifest.json, the run
     directory's file names or the shard keys that name output files (they are derived from URLs)."""
-    import pipeline.job as job
+    import dcam.pipeline.job as job
 
     srv, port = http_dir
     sc = scenes.make_scene(4400, 0)
@@ -371,10 +371,10 @@ def test_storage_objects_and_errors_never_show_credentials(monkeypatch):
     import botocore.exceptions
     import s3fs.errors
 
-    from pipeline.decode import DecodeStage
-    from pipeline.manifest import RunDir
-    from pipeline.sinks import WriteStage
-    from pipeline.sources import _Ctx, shard_spec
+    from dcam.pipeline.decode import DecodeStage
+    from dcam.pipeline.manifest import RunDir
+    from dcam.pipeline.sinks import WriteStage
+    from dcam.pipeline.sources import _Ctx, shard_spec
 
     key, secret, token = "DCAMKEY" + pysecrets.token_hex(6).upper(), "dcamSECRET-" + pysecrets.token_hex(8) + "/+=", \
         "dcamTOKEN-" + pysecrets.token_hex(8)

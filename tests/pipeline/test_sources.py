@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from badinput import FLAKY_SECRET, FlakyFS, flaky  # noqa: F401 - fixture
-from pipeline import sources, storage
-from pipeline.sources import (ShardSpec, SourceError, count_rows, list_shards, make_shard_key, polygon_mask,
+from dcam.pipeline import sources, storage
+from dcam.pipeline.sources import (ShardSpec, SourceError, count_rows, list_shards, make_shard_key, polygon_mask,
                               read_shard, rle_counts_from_string, rle_decode, safe_name)
-from pipeline.storage import (RetriesExhaustedError, SchemeNotAllowedError, is_transient, open_fs, redact,
+from dcam.pipeline.storage import (RetriesExhaustedError, SchemeNotAllowedError, is_transient, open_fs, redact,
                               with_retries)
 
 SECRET = FLAKY_SECRET  # planted in the flaky storage options; contains URL-special characters

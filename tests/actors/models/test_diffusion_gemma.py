@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from actors.models.diffusion_gemma import NOISE, ByteTokenizer, DiffusionGemmaBackend, tiny_config
-from actors.models.loading import CheckpointError
-from actors.models.protocol import SampleError, StructuralStateError
-from actors.probe import ProbeConfig, explain_batch, slice_grid, target_scores
+from dcam.actors.models.diffusion_gemma import NOISE, ByteTokenizer, DiffusionGemmaBackend, tiny_config
+from dcam.actors.models.loading import CheckpointError
+from dcam.actors.models.protocol import SampleError, StructuralStateError
+from dcam.actors.probe.contrast import target_scores
+from dcam.actors.probe.explain import explain_batch
+from dcam.actors.probe.grid import slice_grid
+from dcam.actors.probe.targets import ProbeConfig
 
 GEN_STEPS = 4
 
@@ -125,7 +128,7 @@ def test_gradient_reaches_every_image_token(tiny):
     gen = tiny.forced_trajectory(batch)
     hook = tiny.named_hooks()["mid"]
     assert hook == "encoder.layers.0.out" and tiny.hook_stream(hook) == "encoder"
-    from actors.probe import Target
+    from dcam.actors.probe.targets import Target
 
     targets = [Target(i, p, int(gen.ids[i, p]), int(gen.commit_step[i, p]),
                       gen.state_before(torch.tensor([i]), gen.commit_step[i, p:p + 1], tiny.mask_id)[0])
@@ -258,7 +261,7 @@ def _save(model, path):
 def test_save_load_local_dir_and_s3_prefix(tiny, tmp_path, s3_bucket):
     import fsspec
 
-    from actors.models import load_backend
+    from dcam.actors.models import load_backend
 
     ck = _save(tiny.model, tmp_path / "ck")
     images = _images(1)
@@ -281,8 +284,8 @@ def test_save_load_local_dir_and_s3_prefix(tiny, tmp_path, s3_bucket):
 
 
 def test_remote_code_checkpoint_is_refused_unless_trusted(tiny, tmp_path):
-    from actors.models import load_backend
-    from actors.models.loading import check_remote_code
+    from dcam.actors.models import load_backend
+    from dcam.actors.models.loading import check_remote_code
 
     ck = _save(tiny.model, tmp_path / "ck")
     cfg = json.loads((ck / "config.json").read_text())
@@ -294,7 +297,7 @@ def test_remote_code_checkpoint_is_refused_unless_trusted(tiny, tmp_path):
 
 
 def test_missing_source_and_foreign_checkpoints_are_refused(tiny, tmp_path):
-    from actors.models import load_backend
+    from dcam.actors.models import load_backend
 
     with pytest.raises(CheckpointError, match="source"):
         load_backend({"backend": "diffusion_gemma", "source": None})
@@ -327,7 +330,7 @@ def _word_tokenizer(words, V):
 
 
 def test_checkpoint_tokenizer_and_chat_template_build_gemma4_inputs(tiny, tmp_path):
-    from actors.models import load_backend
+    from dcam.actors.models import load_backend
 
     words = ["<|turn>", "<turn|>", "user", "model", "describe", "the", "image", "red", "box", "a"]
     ck = _save(tiny.model, tmp_path / "ck")
@@ -357,7 +360,7 @@ def test_checkpoint_tokenizer_and_chat_template_build_gemma4_inputs(tiny, tmp_pa
 def test_every_method_preset_runs_with_faithfulness(tiny):
     """The pipeline's presets (Diffusion-CAM, parity, Grad-CAM at the last step, LLaVA-CAM at mid_norm2,
     TAM's logit lens at final_norm) on one given and one generated response, with deletion/insertion."""
-    from actors.methods import PRESETS, probe_config
+    from dcam.actors.methods import PRESETS, probe_config
 
     methods = {name: probe_config(name, tiny, {"faithfulness_steps": 2}) for name in PRESETS}
     assert methods["llava_cam"].hook == "encoder.layers.0.pre_ffn_norm" and methods["tam"].hook == "final_norm"
@@ -373,8 +376,8 @@ def test_every_method_preset_runs_with_faithfulness(tiny):
 
 
 def test_conf_model_yaml_builds_the_backend(tiny, tmp_path):
-    from actors.models import load_backend
-    from pipeline.config import load_config, to_dict
+    from dcam.actors.models import load_backend
+    from dcam.pipeline.config import load_config, to_dict
 
     ck = _save(tiny.model, tmp_path / "ck")
     cfg = to_dict(load_config("run", ["model=diffusion_gemma", f"model.source={ck}", "model.max_soft_tokens=70",

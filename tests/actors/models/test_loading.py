@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from actors.models.loading import CheckpointError, check_remote_code, preflight, resolve_checkpoint
+from dcam.actors.models.loading import CheckpointError, check_remote_code, preflight, resolve_checkpoint
 
 HASH = "0123456789abcdef0123456789abcdef01234567"
 
@@ -68,8 +68,8 @@ def test_diffusion_gemma_loads_from_a_hub_id_in_the_local_cache(tmp_path, no_net
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from actors.models import load_backend
-    from actors.models.diffusion_gemma import DiffusionGemmaBackend, tiny_config
+    from dcam.actors.models import load_backend
+    from dcam.actors.models.diffusion_gemma import DiffusionGemmaBackend, tiny_config
 
     snap = _hf_cache(tmp_path / "hub")
     (snap / "model.safetensors").unlink()

@@ -3,8 +3,8 @@
 The floor catches a broken or swapped checkpoint; it sits below the acceptance bar of the model
 organism (>= 95% exact match on 500 held-out scenes; measured 98.6%, README "The model organism")
 so that an unlucky 64-scene sample cannot fail it. On seed 2500 the shipped weights score 64/64."""
-from actors.models import load_backend
-from actors.models.caption_eval import caption_quality
+from dcam.actors.models import load_backend
+from dcam.evals.eval_tiny import caption_quality
 
 
 def test_shipped_weights_caption_held_out_scenes_above_floor():

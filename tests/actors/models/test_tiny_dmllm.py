@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors import scenes
-from actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, UnknownWordError, WordTokenizer, denoise, normalise_pixels
-from actors.models.train_tiny import encode_prompts
+from dcam.actors import scenes
+from dcam.actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, UnknownWordError, WordTokenizer, denoise, normalise_pixels
+from dcam.actors.models.tiny_dmllm import encode_prompts
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_prefix_cache_gives_the_full_forward_logits(random_model):
 
 
 def test_cached_denoising_equals_full_sequence_denoising():
-    from actors.models.tiny_backend import TinyBackend
+    from dcam.actors.models.tiny_backend import TinyBackend
 
     model = TinyBackend.load().model  # trained: confident, realistic commit orders
     pixels, prompts = _inputs(model, 48, seed=22)
@@ -140,7 +140,7 @@ def test_load_backend_copies_an_s3_checkpoint_into_model_cache_dir(tmp_path, ran
     # Regression: the tiny backend ignored model.cache_dir (always ~/.cache/dcam/checkpoints).
     import fsspec
 
-    from actors.models import load_backend
+    from dcam.actors.models import load_backend
 
     random_model.save_pretrained(tmp_path / "ck")
     WordTokenizer(random_model.config.vocab).save_pretrained(str(tmp_path / "ck"))

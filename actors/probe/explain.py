@@ -1,0 +1,112 @@
+"""The Diffusion-CAM probe: explain the response tokens of a batch, every method sharing one
+generation (METHOD.md §2).
+
+1. obtain the response (targets.obtain_response) and the explained positions;
+2. per method, build the attribution rows in the method's state (targets.build_targets);
+3. form the maps with the method's variant (variants.get_variant(...).explain);
+4. optionally, deletion/insertion faithfulness curves of those maps (faithfulness.py).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dcam.actors.models.protocol import Backend, SampleError
+from dcam.actors.probe.faithfulness import faithfulness
+from dcam.actors.probe.grid import TokenMap
+from dcam.actors.probe.targets import (ProbeConfig, Target, answer_length, build_targets, end_ids, obtain_response,
+                                       select_positions)
+from dcam.actors.probe.variants import get_variant
+
+
+@dataclass
+class SampleExplanation:
+    """Everything the probe says about one input sample."""
+    index: int  # input index
+    prompt: str = ""
+    response: str = ""
+    response_ids: list[int] = field(default_factory=list)
+    response_source: str = ""
+    maps: dict[str, list[TokenMap]] = field(default_factory=dict)  # method name -> token maps
+    error: SampleError | None = None
+
+
+def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str], methods: dict[str, ProbeConfig],
+                  responses: list[str | None] | None = None, words: list[list[str] | None] | None = None,
+                  seed: int = 0, timings: dict[str, float] | None = None) -> list[SampleExplanation]:
+    """Explain a batch with every method in `methods` (shared generation). One result per input,
+    in input order; samples that cannot be prepared or targeted carry `error`.
+    timings: if given, seconds spent per phase (response, attribution, faithfulness) are added."""
+    results = [SampleExplanation(index=i) for i in range(len(images))]
+    batch, errors = backend.prepare(images, prompts, responses)
+    for i, e in errors.items():
+        results[i].error = e
+    if batch.size == 0:
+        return results
+    with _phase(timings, "response"):
+        gen = obtain_response(backend, batch, seed)
+    positions = _positions(backend, batch, gen, next(iter(methods.values())).targets, words, results)
+    for name, cfg in methods.items():
+        targets = build_targets(backend, gen, cfg, positions)
+        with _phase(timings, "attribution"):
+            maps = get_variant(cfg.variant).explain(backend, batch, targets, cfg)
+        if cfg.faithfulness_steps:
+            with _phase(timings, "faithfulness"):
+                _add_faithfulness(backend, batch, targets, maps, cfg)
+        for t, m in zip(targets, maps):
+            results[batch.source_index[t.sample]].maps.setdefault(name, []).append(m)
+    for j, i in enumerate(batch.source_index):
+        r = results[i]
+        r.prompt, r.response_source = batch.prompts[j], ("given" if batch.given_ids[j] is not None else "generated")
+        n = answer_length(gen.ids[j], end_ids(backend))
+        r.response_ids = gen.ids[j, :n].tolist()
+        r.response = backend.decode(r.response_ids)
+    return results
+
+
+@contextmanager
+def _phase(timings: dict[str, float] | None, name: str):
+    """Adds the block's wall seconds to timings[name] (no-op when timings is None). On a GPU the
+    queue is drained at both ends, so kernels still running are not billed to the next phase."""
+    if timings is None:
+        yield
+        return
+    _sync_cuda()
+    t0 = time.perf_counter()
+    yield
+    _sync_cuda()
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _sync_cuda() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _positions(backend, batch, gen, how, words, results) -> dict[int, list[int]]:
+    out = {}
+    for j, i in enumerate(batch.source_index):
+        try:
+            out[j] = select_positions(backend, gen.ids[j], how, words[i] if words else None)
+        except SampleError as e:
+            results[i].error = e
+    return out
+
+
+def _add_faithfulness(backend, batch, targets: list[Target], maps: list[TokenMap], cfg: ProbeConfig) -> None:
+    by_shape: dict[tuple, list[int]] = {}
+    for k, m in enumerate(maps):
+        by_shape.setdefault(m.raw_map.shape, []).append(k)
+    for idx in by_shape.values():
+        sel = [targets[k] for k in idx]
+        dele, ins = faithfulness(
+            backend, batch, torch.tensor([t.sample for t in sel], device=backend.device),
+            torch.stack([t.canvas for t in sel]).to(backend.device),
+            torch.tensor([t.position for t in sel]), torch.tensor([t.token_id for t in sel]),
+            np.stack([maps[k].raw_map for k in idx]), cfg.faithfulness_steps)
+        for j, k in enumerate(idx):
+            maps[k].deletion_auc, maps[k].insertion_auc = float(dele[j]), float(ins[j])

@@ -1,0 +1,55 @@
+"""`dcam bench-probe`: batched probing vs a batch-1 loop on the same scenes, one run.
+
+Both sides run the default Diffusion-CAM probe (generation, attribution pass, faithfulness) on
+identical scenes after a warm-up; only the batch size differs. Reported: images/s of each and
+their ratio (measured in the same process, so machine noise affects both alike).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dcam.actors import scenes
+from dcam.actors.methods import probe_config
+from dcam.actors.probe.explain import explain_batch
+
+
+def _throughput(backend, items, methods, batch_size: int) -> tuple[float, dict[str, float]]:
+    """images/s and the seconds per image spent in each probe phase."""
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo:lo + batch_size]
+        explain_batch(backend, [s.image for s in chunk], [s.prompt for s in chunk], methods, timings=phases)
+    return len(items) / (time.perf_counter() - t0), {k: v / len(items) for k, v in phases.items()}
+
+
+def run_bench_probe(cfg: dict, log=print) -> dict:
+    """Both sides in one process on the same scenes. Besides the headline ratio: per phase
+    (response = generation, attribution, faithfulness) the seconds per image of each side, and
+    `ratio_without_faithfulness`, the same two runs with the faithfulness seconds taken out."""
+    from dcam.actors.models import load_backend
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    backend = load_backend(cfg["model"] if isinstance(cfg.get("model"), dict) else {"backend": "tiny"})
+    overrides = {"faithfulness_steps": int(cfg["faithfulness_steps"])}
+    methods = {"diffusion_cam": probe_config("diffusion_cam", backend, overrides)}
+    size = backend.model.config.image_size if hasattr(backend, "model") else 96
+    items = scenes.make_scenes(int(cfg["seed"]), 0, int(cfg["n"]), scenes.SceneConfig(size=size))
+    _throughput(backend, items[:4], methods, 4)  # warm-up (allocator, kernels)
+    batched, b_phase = _throughput(backend, items, methods, int(cfg["batch_size"]))
+    log(f"batched (batch {cfg['batch_size']}): {batched:.2f} images/s  {_fmt(b_phase)}")
+    single, s_phase = _throughput(backend, items, methods, 1)
+    log(f"batch-1 loop: {single:.2f} images/s  {_fmt(s_phase)}")
+    faith = (1 / single - s_phase.get("faithfulness", 0.0)) / (1 / batched - b_phase.get("faithfulness", 0.0))
+    log(f"ratio {batched / single:.2f}; without the faithfulness seconds {faith:.2f}")
+    return dict(n=len(items), batch_size=int(cfg["batch_size"]), batched_ips=batched, single_ips=single,
+                ratio=batched / single, ratio_without_faithfulness=faith,
+                batched_s_per_image=b_phase, single_s_per_image=s_phase,
+                faithfulness_steps=overrides["faithfulness_steps"], torch_threads=torch.get_num_threads())
+
+
+def _fmt(phases: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v * 1000:.0f} ms/image" for k, v in phases.items())

@@ -1,0 +1,5 @@
+import sys
+
+from dcam.pipeline.cli import main
+
+sys.exit(main())

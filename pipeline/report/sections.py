@@ -1,0 +1,215 @@
+"""The report's sections, each a function of the report context (summary dict, the scan, the drift
+and the gallery rows fetched from the run) returning Safe HTML. Corpus text is always escaped."""
+from __future__ import annotations
+
+from dcam.pipeline.report.render import (Safe, clip_text, esc, fmt, histograms, img_tag, interval_cell, overlay,
+                                    table)
+from dcam.pipeline.report.scan import BOOT_METRICS, BREAKDOWN_METRICS
+from dcam.pipeline.report.template import section
+from dcam.actors.schema import FAITHFULNESS_SCORES, MAP_STATS
+
+LOCALISATION = ("obj_iou", "contrast", "concentration", "f3", "f3_mean", "pointing", "pointing_tol", "energy",
+                "wrong_object")
+FAITHFULNESS = (*FAITHFULNESS_SCORES, *MAP_STATS)
+HIST_METRICS = ("obj_iou", "contrast", "concentration", "f3", "energy", "deletion_auc", "insertion_auc", "map_top10")
+LABELS = dict(obj_iou="Obj-IoU", contrast="contrast", concentration="concentration", f3="F3 (paper)",
+              f3_mean="F3 per-image mean", pointing="pointing", pointing_tol="pointing (tol)", energy="energy",
+              wrong_object="wrong object \u2193", deletion_auc="deletion AUC \u2193", insertion_auc="insertion AUC",
+              map_top10="top-10% mass", map_entropy="map entropy \u2193", map_l1="map L1", map_cos="map 1-cos")
+ROW_LABELS = dict(LABELS, f3="F3 (row mean)")  # breakdowns average the per-row F3
+
+
+def _wrap(t: str) -> Safe:
+    return Safe(f'<div class="tablewrap">{t}</div>')
+
+
+def kpis(items: list[tuple[str, object]]) -> Safe:
+    """A row of big figures: (label, value)."""
+    cells = "".join(f'<div class="kpi"><b>{esc(fmt(v) if isinstance(v, (int, float)) else v)}</b>'
+                    f'<span>{esc(k)}</span></div>' for k, v in items)
+    return Safe(f'<div class="kpis">{cells}</div>')
+
+
+def headline_table(rows: list[dict], metrics) -> Safe:
+    """(method, refine, rows, metric cells with 95% intervals)."""
+    body = [[r["method"], r["refine"], r["rows"], *[interval_cell(r["metrics"].get(m)) for m in metrics]] for r in rows]
+    return _wrap(table(["method", "refine", "rows", *[LABELS[m] for m in metrics]], body))
+
+
+def render_headline(ctx) -> Safe:
+    """Counts, warnings and the per-(method, refine) headline tables."""
+    s = ctx.summary
+    warn = "".join(f'<div class="warn">{esc(w)}</div>' for w in s["warnings"])
+    top = kpis([("input rows", s["inputs"]), ("ok", s["ok"]), ("errors", s["inputs"] - s["ok"]),
+                ("result rows", s["rows"]), ("explained rows", s["explained_rows"])])
+    if not s["headline"]:
+        empty = '<p class="note">No explained rows: nothing to score.</p>'
+        return section("headline", "Headline", Safe(warn + top + empty))
+    body = (warn + top + "<h3>Localisation (needs masks)</h3>" + headline_table(s["headline"], LOCALISATION)
+            + "<h3>Faithfulness and map shape</h3>" + headline_table(s["headline"], FAITHFULNESS))
+    note = (f"Means over explained rows per (method, refine) with {s['bootstrap']['resamples']} bootstrap resamples "
+            "(95% percentile intervals, seeded). F3 (paper) = harmonic mean of the dataset means of Obj-IoU, "
+            "min(mean contrast/20, 1) and concentration; F3 per-image mean = mean of the per-row F3. "
+            "\u2193 = lower is better.")
+    return section("headline", "Headline", Safe(body), note)
+
+
+def card(images, title: str, lines: list[str], text: str | None = None) -> Safe:
+    """A gallery card: images (PIL), a bold title, small lines and an optional text (all escaped)."""
+    imgs = "".join(img_tag(im, title) for im in images)
+    if len(images) > 1:
+        imgs = f'<div class="pair">{imgs}</div>'
+    small = "".join(f"<small>{esc(x)}</small>" for x in lines)
+    txt = f'<div class="txt">{esc(clip_text(text))}</div>' if text else ""
+    return Safe(f'<div class="card">{imgs}<div class="tok">{esc(title)}</div>{small}{txt}</div>')
+
+
+def row_card(ctx, ref: dict, extra: str) -> Safe:
+    """Card of one result row (map over the sample's thumbnail, object outline, scores)."""
+    r = ctx.row(ref) or {}
+    thumb, mask = ctx.images(ref["shard"], ref["row_index"])
+    img = overlay(thumb, r.get("map"), r.get("map_h"), r.get("map_w"), mask, r.get("object_id"))
+    step = "" if ref.get("step") is None else f" \u00b7 step {ref['step']}"
+    lines = [f"{ref['method']}/{ref['refine']}{step}", extra,
+             f"IoU {fmt(r.get('obj_iou'))} \u00b7 pt {fmt(r.get('pointing'), 0)} \u00b7 E {fmt(r.get('energy'), 2)}",
+             f"del {fmt(r.get('deletion_auc'), 2)} \u00b7 ins {fmt(r.get('insertion_auc'), 2)}",
+             f"{ref.get('id')} (row {ref['row_index']})"]
+    return card([img], str(ref.get("token")), lines, r.get("response"))
+
+
+def gallery(ctx, items: list[dict], label) -> Safe:
+    """A grid of row cards (`label(item)` is an extra caption line)."""
+    if not items:
+        return Safe('<p class="note">No rows.</p>')
+    return Safe('<div class="grid">' + "".join(row_card(ctx, it, label(it)) for it in items) + "</div>")
+
+
+def render_galleries(ctx) -> Safe:
+    """Worst-k and best-k rows by Obj-IoU."""
+    tops = ctx.scan.tops
+    legend = Safe('<p class="legend">map: <i></i> low \u2192 high; white outline: the named object</p>')
+    if not tops["worst"].items:
+        return section("galleries", "Galleries", Safe(legend + '<p class="note">No Obj-IoU in this run (no masks): '
+                                                      'see the label-free audit.</p>'))
+    lab = lambda it: f"Obj-IoU {it['score']:.3f}"  # noqa: E731
+    body = (legend + f"<h3>Worst {len(tops['worst'].items)} by Obj-IoU</h3>" + gallery(ctx, tops["worst"].items, lab)
+            + f"<h3>Best {len(tops['best'].items)} by Obj-IoU</h3>" + gallery(ctx, tops["best"].items, lab))
+    return section("galleries", "Galleries", Safe(body))
+
+
+def render_label_free(ctx) -> Safe:
+    """Label-free audit: faithfulness and concentration tables plus the suspicious rows."""
+    s, tops = ctx.summary, ctx.scan.tops
+    body = headline_table(s["headline"], ("deletion_auc", "insertion_auc", "map_top10", "map_entropy")) \
+        if s["headline"] else Safe('<p class="note">No explained rows.</p>')
+    body += "<h3>Highest deletion AUC (answer survives deleting the attributed region)</h3>"
+    body += gallery(ctx, tops["deletion"].items, lambda it: f"deletion AUC {it['score']:.3f}")
+    body += "<h3>Most diffuse maps (lowest top-10% mass)</h3>"
+    body += gallery(ctx, tops["diffuse"].items, lambda it: f"top-10% mass {it['score']:.3f}")
+    note = ("No masks needed. A high deletion AUC means the model still gives the word after the attributed "
+            "region is removed: the map did not find what the answer depends on (or the model answered without "
+            "looking). Map concentration: share of attribution mass in the top 10% of cells (higher = more "
+            "focused) and normalised entropy (1 = uniform).")
+    return section("label-free", "Label-free audit", Safe(body), note)
+
+
+def render_breakdowns(ctx, limit: int = 25) -> Safe:
+    """Per token, category, word_type and shard (top `limit` by rows)."""
+    parts = []
+    for dim in ("token", "category", "word_type", "shard"):
+        rows = ctx.summary["breakdowns"].get(dim, [])
+        shown = sorted(rows, key=lambda r: -r["rows"])[:limit]
+        body = [[r["method"], r["refine"], r["key"], r["rows"], *[r[m] for m in BREAKDOWN_METRICS]] for r in shown]
+        more = f" (top {limit} of {len(rows)} by rows; all in summary.parquet)" if len(rows) > limit else ""
+        parts.append(f"<h3>per {esc(dim)}{esc(more)}</h3>" + _wrap(table(
+            ["method", "refine", dim, "rows", *[ROW_LABELS.get(m, m) for m in BREAKDOWN_METRICS]], body)))
+    note = "Means of the per-row scores over explained rows (F3 column = per-row F3); null values are not counted."
+    return section("breakdowns", "Breakdowns", Safe("".join(parts)), note)
+
+
+def render_histograms(ctx) -> Safe:
+    """Histograms of per-row scores (from the bounded uniform sample)."""
+    sample = ctx.scan.sample
+    if not len(sample.p):
+        return section("histograms", "Histograms", Safe('<p class="note">No explained rows.</p>'))
+    names = [f"{m}/{r}" for (m, r) in sorted(ctx.scan.boot.index, key=ctx.scan.boot.index.get)]
+    cols = [BOOT_METRICS.index(m) for m in HIST_METRICS]
+    img = histograms(sample.x[:, cols], sample.g, names, list(HIST_METRICS))
+    note = (f"Per-row scores of a uniform random sample of {len(sample.p):,} of {ctx.summary['explained_rows']:,} "
+            "explained rows (f3 = per-row F3; map_top10 = share of map mass in its top 10% cells); one line per "
+            "(method, refine). Binary scores (pointing) are in the headline only.")
+    return section("histograms", "Histograms", img_tag(img, "histograms of per-row scores", "hist"), note)
+
+
+def render_steps(ctx) -> Safe:
+    """Strips of per-step maps and the per-step table (when the run has several steps)."""
+    if not ctx.scan.multistep:
+        return section("steps", "Steps", Safe('<p class="note">No per-step maps in this run '
+                                              '(run with probe.per_step=true for trajectory strips).</p>'))
+    parts = []
+    for shard, row_index, method, token_index in ctx.scan.strips:
+        rows = sorted((r for r in ctx.fetched.get((shard, row_index), []) if r["method"] == method
+                       and r["token_index"] == token_index and r["step"] is not None), key=lambda r: r["step"])
+        if not rows:
+            continue
+        thumb, mask = ctx.images(shard, row_index)
+        figs = "".join(
+            f'<figure>{img_tag(overlay(thumb, r["map"], r["map_h"], r["map_w"], mask, r["object_id"], px=96), "step")}'
+            f'<figcaption>step {esc(r["step"])}<br>IoU {esc(fmt(r["obj_iou"]))}</figcaption></figure>' for r in rows)
+        title = f"{rows[0]['token']} \u00b7 {method}/{rows[0]['refine']} \u00b7 {rows[0]['id']} (row {row_index})"
+        parts.append(f"<h3>{esc(title)}</h3><div class=\"strip\">{figs}</div>")
+    bd = ctx.summary["breakdowns"].get("step", [])
+    body = [[r["method"], r["refine"], r["key"], r["rows"], *[r[m] for m in BREAKDOWN_METRICS]]
+            for r in sorted(bd, key=lambda r: (r["method"], r["refine"], r["key"]))]
+    parts.append("<h3>per step</h3>" + _wrap(table(["method", "refine", "step", "rows",
+                                                    *[ROW_LABELS.get(m, m) for m in BREAKDOWN_METRICS]], body)))
+    return section("steps", "Steps", Safe("".join(parts)), "Maps of the same word across denoising steps.")
+
+
+def render_failures(ctx) -> Safe:
+    """Error rows by error_kind with examples."""
+    fails = ctx.summary["failures"]
+    if not fails:
+        return section("failures", "Failures", Safe('<p class="note">No error rows.</p>'))
+    rows = []
+    for f in fails:
+        ex = "".join(f"<div>{esc(e['id'])} <small>{esc(e['shard'])} row {esc(e['row_index'])}</small>"
+                     f'<div class="err">{esc(clip_text(e["error"], 300))}</div></div>' for e in f["examples"])
+        rows.append([f["error_kind"], f["count"], Safe(ex)])
+    return section("failures", "Failures", _wrap(table(["error_kind", "rows", "examples"], rows)),
+                   "Input rows that produced an error row, by reason, with up to 3 examples each.")
+
+
+def render_drift(ctx) -> Safe:
+    """Paired deltas against the baseline and the maps that moved most."""
+    d = ctx.summary.get("drift")
+    if not d:
+        return section("drift", "Drift",
+                       Safe('<p class="note">No baseline given (dcam report RUN --baseline OTHER_RUN).</p>'))
+    c = d["counts"]
+    top = kpis([("paired rows", c["pairs"]), ("rows here", c["this_rows"]), ("rows in baseline", c["base_rows"]),
+                ("shards paired", c["shards_paired"]), ("shards only here", c["shards_this_only"]),
+                ("shards only in baseline", c["shards_base_only"])])
+    metrics = ("obj_iou", "f3", "pointing", "energy", "contrast", "concentration", "deletion_auc", "insertion_auc",
+               "map_l1", "map_cos")
+    body = [[r["method"], r["refine"], r["pairs"],
+             *[interval_cell(r["metrics"].get(m), "delta", True) for m in metrics]] for r in d["table"]]
+    tab = _wrap(table(["method", "refine", "pairs", *[LABELS.get(m, m) for m in metrics]], body))
+    cards = "".join(_moved_card(ctx, it) for it in ctx.drift.moved.items) or '<p class="note">No paired rows.</p>'
+    note = (f"This run minus the baseline ({d['baseline']}), over rows paired on (shard, row_index, method, "
+            "token_index, step); 95% bootstrap intervals over the pairs. map L1 / 1-cos: distance between the "
+            "paired maps.")
+    return section("drift", "Drift", Safe(top + tab + "<h3>Maps that moved most (1 - cosine)</h3>"
+                                          f'<div class="grid wide">{cards}</div>'), note)
+
+
+def _moved_card(ctx, it: dict) -> Safe:
+    thumb, mask = ctx.images(it["shard"], it["row_index"])
+    r = ctx.row(it) or {}
+    a = overlay(thumb, it["map"], it["map_h"], it["map_w"], mask, r.get("object_id"))
+    b = overlay(thumb, it["base_map"], it["base_h"], it["base_w"], mask, r.get("object_id"))
+    lines = [f"{it['method']}/{it['refine']}" + ("" if it["step"] is None else f" \u00b7 step {it['step']}"),
+             "left: this run \u00b7 right: baseline", f"1-cos {it['score']:.3f} \u00b7 L1 {it['l1']:.3f}",
+             f"IoU {fmt(it['obj_iou'])} vs {fmt(it['base_obj_iou'])}", f"{it['id']} (row {it['row_index']})"]
+    return card([a, b], str(it["token"]), lines)
+

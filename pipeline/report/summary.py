@@ -1,0 +1,86 @@
+"""End of a run: counts by status and reason, throughput, the localisation table (when masks
+exist), summary.json, then the report and the fail-under gate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+
+from dcam.actors.schema import TABLE_SCORES
+from dcam.pipeline.manifest import RunDir
+from dcam.pipeline.report.build import build_report
+from dcam.pipeline.report.gate import check_fail_under, parse_fail_under
+
+
+
+def read_results(run: RunDir, columns: list[str]):
+    """The run's final results as one Arrow table (only `columns`)."""
+    ds = pads.dataset(run.path("results"), filesystem=run.fs, format="parquet")
+    return ds.to_table(columns=columns)
+
+
+def localisation_table(t) -> list[dict]:
+    """Mean of each score per (method, refine) over ok rows that have the score."""
+    import pyarrow.compute as pc
+
+    ok = t.filter(pc.equal(t["status"], "ok"))
+    out = []
+    keys = sorted({(m, r) for m, r in zip(ok["method"].to_pylist(), ok["refine"].to_pylist()) if m is not None})
+    for method, refine in keys:
+        sel = ok.filter(pc.and_(pc.equal(ok["method"], method), pc.equal(ok["refine"], refine)))
+        row = dict(method=method, refine=refine, rows=sel.num_rows)
+        for k in TABLE_SCORES:
+            v = sel[k].to_numpy(zero_copy_only=False).astype(float)
+            v = v[~np.isnan(v)]
+            row[k] = float(v.mean()) if len(v) else None
+            row[f"{k}_n"] = int(len(v))
+        out.append(row)
+    return out
+
+
+def status_counts(t) -> dict:
+    """Per input row (shard, row_index): ok, or error by reason."""
+    rows = {}
+    for shard, ri, st, kind in zip(t["shard"].to_pylist(), t["row_index"].to_pylist(), t["status"].to_pylist(),
+                                   t["error_kind"].to_pylist()):
+        rows.setdefault((shard, ri), (st, kind))
+    errors: dict[str, int] = {}
+    for st, kind in rows.values():
+        if st != "ok":
+            errors[kind or "error"] = errors.get(kind or "error", 0) + 1
+    return dict(inputs=len(rows), ok=sum(1 for st, _ in rows.values() if st == "ok"), errors=errors)
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"dcam run {s['run']}: {s['inputs']} input rows, {s['ok']} ok, {s['inputs'] - s['ok']} errors"]
+    for k, n in sorted(s["errors"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  error {k:20s} {n}")
+    if s.get("rows_per_s"):
+        lines.append(f"  throughput this execution: {s['rows_per_s']:.2f} input rows/s over {s['seconds']:.1f}s")
+    if s["table"]:
+        cols = ("obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc")
+        lines.append(f"  {'method':18s} {'refine':20s} {'rows':>6s} " + " ".join(f"{c[:11]:>11s}" for c in cols))
+        for r in s["table"]:
+            cells = " ".join(f"{r[c]:11.3f}" if r[c] is not None else f"{'-':>11s}" for c in cols)
+            lines.append(f"  {r['method']:18s} {r['refine']:20s} {r['rows']:6d} {cells}")
+    return "\n".join(lines)
+
+
+def finish_run(run: RunDir, d: dict, cfg_hash: str, counts: dict, log) -> dict:
+    cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
+    t = read_results(run, cols)
+    s = dict(run=run.url, config_hash=cfg_hash, **status_counts(t), table=localisation_table(t),
+             seconds=counts.get("seconds", 0.0), timing=counts.get("timing", {}),
+             rows_per_s=(counts["inputs"] / counts["seconds"]) if counts.get("seconds") else None)
+    run.write_text("summary.json", json.dumps(s, indent=1, default=float))
+    log(format_summary(s))
+    rep = d.get("report") or {}
+    if rep.get("enabled", True):
+        out = build_report(run.url, d.get("storage") or {}, log=log)
+        log(f"report: {out}")
+    reasons = check_fail_under(s["table"], parse_fail_under(rep.get("fail_under")))
+    s["exit_code"] = 2 if reasons else 0
+    if reasons:
+        log("FAIL-UNDER: " + "; ".join(reasons))
+    return s
