@@ -13,24 +13,24 @@ from __future__ import annotations
 
 from dcam.actors.refine import RefineConfig
 
-REFINE_NONE = RefineConfig(akd=False, dacg=False, cba=False, sicd=False)
+NO_REFINEMENT = dict(akd=False, dacg=False, cba=False, sicd=False)  # "refine: none", the one definition
 
 PRESETS: dict[str, tuple[dict, dict]] = {
     # name: (probe fields, refine fields)
     "diffusion_cam": (dict(variant="grad_norm", hook="{early}", state="trajectory", contrast="category_mean"),
                       dict(akd=False, dacg=True, cba=True, sicd=True)),
     "diffusion_cam_raw": (dict(variant="grad_norm", hook="{early}", state="trajectory", contrast="category_mean"),
-                          dict(akd=False, dacg=False, cba=False, sicd=False)),
+                          NO_REFINEMENT),
     # The authors' code path, defects kept where they do not need the reference's index bugs.
     "diffusion_cam_parity": (dict(variant="paper_cam", hook="{mid}", state="teacher_forced", contrast="parity_fullvocab"),
                              dict(akd=True, dacg=True, cba=True, sicd=True, dacg_mode="reference_identity",
                                   sicd_tokens="parity")),
     "grad_cam": (dict(variant="grad_cam", hook="{mid}", state="last_step", contrast="max_logit"),
-                 dict(akd=False, dacg=False, cba=False, sicd=False)),
+                 NO_REFINEMENT),
     "llava_cam": (dict(variant="llava_cam", hook="{mid_norm2}", state="teacher_forced", contrast="logit"),
-                  dict(akd=False, dacg=False, cba=False, sicd=False)),
+                  NO_REFINEMENT),
     "tam": (dict(variant="tam", hook="final_norm", state="teacher_forced", contrast="logit"),
-            dict(akd=False, dacg=False, cba=False, sicd=False)),
+            NO_REFINEMENT),
 }
 
 

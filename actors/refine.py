@@ -35,8 +35,10 @@ _MAP_BLOCK_PIXELS = 36864  # pixels per block of the per-map modules (fewer temp
 class RefineConfig:
     """Enable flags and every constant of the refinement modules (spec §3).
 
-    Defaults are the recommended clean settings; `RefineConfig.parity()` gives the reference's
-    behaviour where the two differ (DACG identity blur, SICD over the raw canvas).
+    Defaults: every module on, with dcam's clean constants (which modules a method runs is the
+    method preset's choice: Diffusion-CAM's default turns AKD off, actors/methods.py);
+    `RefineConfig.parity()` gives the reference's behaviour where the two differ (DACG identity
+    blur, SICD over the raw canvas).
     """
 
     akd: bool = True

@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from dcam.actors.methods import refine_config
+from dcam.actors.numeric import finite_or_none
 from dcam.actors.refine import RefineConfig, refine_batch
 from dcam.actors.schema import LOCALISATION_SCORES
 from dcam.actors.scores import score_map
-
 
 
 class RefineScoreStage:
@@ -97,11 +97,11 @@ class RefineScoreStage:
                    step=None if m["step"] is None else int(m["step"]),
                    map=fine.astype(np.float32).ravel(), map_h=int(fine.shape[0]), map_w=int(fine.shape[1]),
                    raw_map=m["raw_map"].astype(np.float32).ravel(), target_prob=m["target_prob"],
-                   deletion_auc=_nan_none(m["deletion_auc"]), insertion_auc=_nan_none(m["insertion_auc"]))
+                   deletion_auc=finite_or_none(m["deletion_auc"]), insertion_auc=finite_or_none(m["insertion_auc"]))
         scores = dict.fromkeys(LOCALISATION_SCORES)
         if mask is not None and obj is not None:
             cell = mask.shape[0] / fine.shape[0]
-            scores.update({k: _nan_none(v) for k, v in score_map(fine, mask, int(obj["id"]), cell).items() if k in LOCALISATION_SCORES})
+            scores.update({k: finite_or_none(v) for k, v in score_map(fine, mask, int(obj["id"]), cell).items() if k in LOCALISATION_SCORES})
         rec.update(scores)
         return rec
 
@@ -143,10 +143,6 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _nan_none(v):
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
 
 
 def _s(batch, key, i):

@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from dcam.actors import scenes
-from dcam.pipeline.config import to_dict
+from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.console import emit, log
 
 
 def _decoded_rows(shard_urls: list[str], d: dict) -> dict[str, np.ndarray]:
@@ -67,3 +68,10 @@ def run_bench(cfg, log=print) -> dict:
     return dict(n=int(d["n"]), batch_size=int(d["batch_size"]), loop_ips=loop, pipeline_ips=pipe, single_ips=single,
                 pipeline_over_loop=pipe / loop, pipeline_over_single=pipe / single, startup_s=t["startup_s"],
                 pipeline_total_s=t["total_s"], regime="per-image compute dominated (tiny model on CPU)")
+
+
+def command(args) -> int:
+    """`dcam bench [--json] [k=v ...]`."""
+    cfg = load_config("bench", args.overrides)
+    emit(run_bench(cfg, log=log), args.json)
+    return 0

@@ -13,6 +13,8 @@ import torch
 from dcam.actors import scenes
 from dcam.actors.methods import probe_config
 from dcam.actors.probe.explain import explain_batch
+from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.console import emit, log
 
 
 def _throughput(backend, items, methods, batch_size: int) -> tuple[float, dict[str, float]]:
@@ -53,3 +55,10 @@ def run_bench_probe(cfg: dict, log=print) -> dict:
 
 def _fmt(phases: dict[str, float]) -> str:
     return "  ".join(f"{k} {v * 1000:.0f} ms/image" for k, v in phases.items())
+
+
+def command(args) -> int:
+    """`dcam bench-probe [--json] [k=v ...]`."""
+    cfg = to_dict(load_config("bench_probe", args.overrides))
+    emit(run_bench_probe(cfg, log=log), args.json)
+    return 0

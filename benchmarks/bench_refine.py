@@ -12,6 +12,8 @@ import numpy as np
 
 from dcam.actors.refine import RefineConfig, refine_batch
 from dcam.benchmarks.refine_loop import refine_batch_loop
+from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.console import emit
 
 
 def make_bench_maps(n_maps: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -90,3 +92,10 @@ def run_bench_refine(n_maps: int = 1000, h: int = 12, w: int = 12, seed: int = 0
 
 if __name__ == "__main__":
     print(run_bench_refine())
+
+
+def command(args) -> int:
+    """`dcam bench-refine [--json] [k=v ...]`."""
+    cfg = to_dict(load_config("bench_refine", args.overrides))
+    emit(run_bench_refine(**cfg), args.json)
+    return 0

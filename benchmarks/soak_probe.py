@@ -86,7 +86,7 @@ def growth_stats(curve: list[dict], warmup_rows: int) -> dict:
                 max_growth_after_warmup=round(peak_after / warm["rss_mb"] - 1.0, 4))
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10_000, help="scenes to stream (default 10000)")
     ap.add_argument("--seed", type=int, default=7000, help="scene stream (held out; default 7000)")
@@ -102,6 +102,38 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--max-growth", type=float, default=0.10)
     ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def _stream(actor, stage, a, log) -> tuple[dict, list[dict]]:
+    """Push a.n scenes through probe + refine/score; counts and the RSS curve."""
+    shard = f"soak://seed-{a.seed}"
+    curve = [dict(rows=0, rss_mb=round(rss_bytes() / 2**20, 1), seconds=0.0)]
+    log(f"rss {curve[0]['rss_mb']} MiB; streaming {a.n} scenes")
+    counts = dict(ok=0, errors=0, output_records=0, explained_tokens=0)
+    t0, next_sample, done = time.perf_counter(), a.sample_every, 0
+    while done < a.n:
+        n = min(a.batch_size, a.n - done)
+        out = stage(actor(scene_batch(a.seed, done, n, shard, a.given_response)))
+        for st, rec in zip(out["status"], out["records"]):
+            counts["ok" if st == "ok" else "errors"] += 1
+            recs = pickle.loads(rec)
+            counts["output_records"] += len(recs)
+            counts["explained_tokens"] += sum(r.get("map") is not None for r in recs)
+        del out
+        done += n
+        if done >= next_sample or done == a.n:
+            el = time.perf_counter() - t0
+            curve.append(dict(rows=done, rss_mb=round(rss_bytes() / 2**20, 1), seconds=round(el, 1)))
+            log(f"{done}/{a.n} rows  rss {curve[-1]['rss_mb']} MiB  {done / el:.2f} rows/s")
+            while next_sample <= done:
+                next_sample += a.sample_every
+    counts["seconds"] = time.perf_counter() - t0
+    return counts, curve
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     a = ap.parse_args(argv)
     if a.seed in scenes.TRAIN_SEEDS:
         ap.error(f"seed {a.seed} trained the shipped model; pick a held-out one")
@@ -121,36 +153,14 @@ def main(argv=None) -> int:
     stage = RefineScoreStage(METHODS, SINK, "soakhash0001")
     load_s = time.perf_counter() - t_load
 
-    shard = f"soak://seed-{a.seed}"
-    curve = [dict(rows=0, rss_mb=round(rss_bytes() / 2**20, 1), seconds=0.0)]
-    log(f"model loaded in {load_s:.1f}s; rss {curve[0]['rss_mb']} MiB; streaming {a.n} scenes")
-    ok = errors = records = explained = 0
-    t0 = time.perf_counter()
-    next_sample = a.sample_every
-    done = 0
-    while done < a.n:
-        n = min(a.batch_size, a.n - done)
-        out = stage(actor(scene_batch(a.seed, done, n, shard, a.given_response)))
-        for st, rec in zip(out["status"], out["records"]):
-            ok += st == "ok"
-            errors += st != "ok"
-            recs = pickle.loads(rec)
-            records += len(recs)
-            explained += sum(r.get("map") is not None for r in recs)
-        del out
-        done += n
-        if done >= next_sample or done == a.n:
-            el = time.perf_counter() - t0
-            curve.append(dict(rows=done, rss_mb=round(rss_bytes() / 2**20, 1), seconds=round(el, 1)))
-            log(f"{done}/{a.n} rows  rss {curve[-1]['rss_mb']} MiB  {done / el:.2f} rows/s")
-            while next_sample <= done:
-                next_sample += a.sample_every
-    elapsed = time.perf_counter() - t0
+    log(f"model loaded in {load_s:.1f}s")
+    counts, curve = _stream(actor, stage, a, log)
+    elapsed = counts.pop("seconds")
     stats = growth_stats(curve, a.warmup)
     res = dict(n=a.n, seed=a.seed, batch_size=a.batch_size, faithfulness_steps=a.faithfulness_steps,
                model=a.model_source or "shipped tiny", response="given" if a.given_response else "generated",
-               device=str(actor.backend.device), torch_threads=torch.get_num_threads(), ok=int(ok), errors=int(errors),
-               output_records=int(records), explained_tokens=int(explained), model_load_s=round(load_s, 1),
+               device=str(actor.backend.device), torch_threads=torch.get_num_threads(), **counts,
+               model_load_s=round(load_s, 1),
                seconds=round(elapsed, 1), rows_per_s=round(a.n / elapsed, 2), rss_source=rss_source(),
                sample_every=a.sample_every, curve=curve, **stats, max_growth_allowed=a.max_growth,
                passed=stats["max_growth_after_warmup"] <= a.max_growth,

@@ -17,14 +17,18 @@ import numpy as np
 import torch
 
 from dcam.actors import scenes
-from dcam.evals import reference_maps
+from dcam.actors.methods import NO_REFINEMENT, resolve_method
+from dcam.actors.numeric import nanmean
 from dcam.actors.probe.faithfulness import faithfulness
-from dcam.actors.methods import resolve_method
 from dcam.actors.probe.targets import build_targets, obtain_response
 from dcam.actors.probe.variants import get_variant
 from dcam.actors.refine import RefineConfig, refine_batch
 from dcam.actors.schema import TABLE_SCORES
 from dcam.actors.scores import f3_table, score_map
+from dcam.evals import reference_maps
+from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.console import emit, log
+from dcam.pipeline.console import format_table as console_table
 
 COLUMNS = TABLE_SCORES
 DEFAULT_ROW = "diffusion_cam"
@@ -49,8 +53,7 @@ def method_table(backend, cfg: dict) -> dict:
 
 
 def refine_rows(base: RefineConfig) -> dict[str, RefineConfig]:
-    off = dict(akd=False, dacg=False, cba=False, sicd=False)
-    out = {f"+{m}": replace(base, **{**off, m: True}) for m in ("akd", "dacg", "cba", "sicd")}
+    out = {f"+{m}": replace(base, **{**NO_REFINEMENT, m: True}) for m in ("akd", "dacg", "cba", "sicd")}
     out[DEFAULT_ROW] = base
     return out
 
@@ -93,7 +96,7 @@ class _Table:
     def summary(self) -> list[dict]:
         out = []
         for name, rows in self.scores.items():
-            mean = {c: _mean_ignoring_nan([r.get(c, math.nan) for r in rows])
+            mean = {c: nanmean([r.get(c, math.nan) for r in rows])
                     for c in COLUMNS if c not in ("f3", "deletion_auc")}
             mean["f3"] = f3_table(mean["obj_iou"], mean["contrast"], mean["concentration"])
             d = self.deletion.get(name)
@@ -175,18 +178,14 @@ def run_eval_cam(cfg: dict, log=print) -> dict:
 
 
 def format_table(result: dict) -> str:
-    head = f"{'method':28s} " + " ".join(f"{c[:9]:>9s}" for c in COLUMNS)
-    lines = [f"eval-cam: {result['n_words']} correctly generated object words on {result['n_scenes']} held-out scenes "
-             f"(seed {result['seed']}); default = {result['default']}", head, "-" * len(head)]
-    for r in result["rows"]:
-        cells = " ".join(f"{r[c]:9.3f}" if isinstance(r[c], float) and not math.isnan(r[c]) else f"{'-':>9s}" for c in COLUMNS)
-        lines.append(f"{r['name']:28s} {cells}")
-    return "\n".join(lines)
+    title = (f"eval-cam: {result['n_words']} correctly generated object words on {result['n_scenes']} held-out scenes "
+             f"(seed {result['seed']}); default = {result['default']}")
+    return title + "\n" + console_table([("name", 28)], list(COLUMNS), result["rows"])
 
 
-def _mean_ignoring_nan(values: list[float]) -> float:
-    """Mean over the defined (non-NaN) values; NaN when there are none (e.g. a score that needs
-    a map property no row has), without numpy's empty-slice warning."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    return float(v.mean()) if v.size else math.nan
+def command(args) -> int:
+    """`dcam eval-cam [--json] [k=v ...]`."""
+    cfg = to_dict(load_config("eval_cam", args.overrides))
+    result = run_eval_cam(cfg, log=log)
+    emit(result, args.json, format_table(result))
+    return 0

@@ -1,12 +1,24 @@
 """Caption quality of the tiny model on fresh scenes: exact match, per-word, colour and shape."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
 from dcam.actors import scenes
-from dcam.actors.models.tiny_dmllm import (TinyDMLLM, WordTokenizer, denoise, encode_prompts, encode_responses,
-                                           normalise_pixels)
+from dcam.actors.models import load_backend
+from dcam.actors.models.tiny_dmllm import (
+    TinyDMLLM,
+    WordTokenizer,
+    denoise,
+    encode_prompts,
+    encode_responses,
+    normalise_pixels,
+)
+from dcam.actors.scenes import TRAIN_SEEDS, VALIDATION_SEED
+from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.console import emit
 
 
 def caption_quality(model: TinyDMLLM, tok: WordTokenizer, seed: int, n: int, batch_size: int = 64,
@@ -31,3 +43,19 @@ def caption_quality(model: TinyDMLLM, tok: WordTokenizer, seed: int, n: int, bat
     frac = lambda sel: float((hit & sel).sum() / sel.sum().clamp(min=1))  # noqa: E731
     return dict(n=n, exact_match=float(hit.all(1).float().mean()), word_acc=frac(words),
                 colour_acc=frac(colour), shape_acc=frac(shape))
+
+
+def command(args) -> int:
+    """`dcam eval-tiny [--json] [k=v ...]`."""
+
+    cfg = to_dict(load_config("eval_tiny", args.overrides))
+    if cfg["seed"] in TRAIN_SEEDS or cfg["seed"] == VALIDATION_SEED:
+        print(f"seed {cfg['seed']} was used to train or select the model; pick another", file=sys.stderr)
+        return 2
+    backend = load_backend(cfg["model"] if isinstance(cfg["model"], dict) else {"backend": "tiny"})
+    q = caption_quality(backend.model, backend.tok, seed=cfg["seed"], n=cfg["n"], batch_size=cfg["batch_size"])
+    table = (f"held-out scenes (seed {cfg['seed']}): n={q['n']}\n"
+             f"  exact match   {q['exact_match']:.4f}\n  word accuracy {q['word_acc']:.4f}\n"
+             f"  colour words  {q['colour_acc']:.4f}\n  shape words   {q['shape_acc']:.4f}")
+    emit(q, args.json, table)
+    return 0

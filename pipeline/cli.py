@@ -3,25 +3,30 @@ evaluation and benchmark commands take --json and then print exactly one JSON ob
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
+# subcommand -> (help, "module:function"). Handlers are imported only when their command runs, by
+# name, so `dcam --help` imports neither torch nor Ray and the CLI depends on no handler module.
 COMMANDS = {
-    "run": "the audit job on Ray Data (no arguments: synthesise a small corpus and audit the tiny model)",
-    "synth": "write a grounded-scene corpus (Parquet shards) to output=URL",
-    "train-tiny": "train the built-in tiny dMLLM (fixed steps, quality gate)",
-    "eval-tiny": "caption quality of the tiny model on fresh held-out scenes",
-    "eval-cam": "localisation and faithfulness table of every map method on held-out scenes",
-    "bench-refine": "vectorised refinement vs a per-pixel Python loop",
-    "bench-probe": "batched probing vs a batch-1 loop",
-    "bench": "in-process loop vs Ray pipeline vs batch-1 loop throughput",
-    "report": "HTML + JSON audit report of a run directory",
+    "run": ("the audit job on Ray Data (no arguments: synthesise a small corpus and audit the tiny model)",
+            "dcam.pipeline.commands:run"),
+    "synth": ("write a grounded-scene corpus (Parquet shards) to output=URL", "dcam.pipeline.commands:synth"),
+    "report": ("HTML + JSON audit report of a run directory", "dcam.pipeline.commands:report"),
+    "train-tiny": ("train the built-in tiny dMLLM (fixed steps, quality gate)", "dcam.training.train_tiny:command"),
+    "eval-tiny": ("caption quality of the tiny model on fresh held-out scenes", "dcam.evals.eval_tiny:command"),
+    "eval-cam": ("localisation and faithfulness table of every map method on held-out scenes",
+                 "dcam.evals.eval_cam:command"),
+    "bench-refine": ("vectorised refinement vs a per-pixel Python loop", "dcam.benchmarks.bench_refine:command"),
+    "bench-probe": ("batched probing vs a batch-1 loop", "dcam.benchmarks.bench_probe:command"),
+    "bench": ("in-process loop vs Ray pipeline vs batch-1 loop throughput", "dcam.benchmarks.bench_pipeline:command"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcam", description="Diffusion-CAM audits for diffusion multimodal LLMs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_ in COMMANDS.items():
+    for name, (help_, _) in COMMANDS.items():
         s = sub.add_parser(name, help=help_, description=help_)
         if name == "report":
             s.add_argument("run_dir", help="run directory or URL (local or s3://)")
@@ -54,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]  # `dcam` alone (or `dcam k=v ...`) is `dcam run`
     args = _parser().parse_args([argv[0], *_options_first(argv[1:])])
-    from dcam.pipeline import commands  # lazily: `dcam --help` must not import torch or Ray
-
-    handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
+    module, _, function = COMMANDS[args.command][1].partition(":")
+    handler = getattr(importlib.import_module(module), function)
     try:
         code = handler(args)
     except KeyboardInterrupt:

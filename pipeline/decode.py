@@ -25,9 +25,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dcam.actors.errors import KindedError
 from dcam.actors.scenes import DEFAULT_PROMPT
-from dcam.pipeline.storage import (RetriesExhaustedError, SchemeNotAllowedError, StorageError, describe_error, read_bytes,
-                              redact, safe_options, secrets_of)
+from dcam.pipeline.storage import (
+    RetriesExhaustedError,
+    SchemeNotAllowedError,
+    StorageError,
+    describe_error,
+    read_bytes,
+    redact,
+    safe_options,
+    secrets_of,
+)
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_PROMPT_CHARS = 2000
@@ -37,12 +46,8 @@ DECODED_COLUMNS = ("id", "shard", "row_index", "prompt", "response", "objects", 
                    "width", "mask_pixels", "status", "error", "error_kind", "notes")
 
 
-class DecodeError(Exception):
+class DecodeError(KindedError):
     """A row that cannot be decoded; `kind` becomes the row's error_kind."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 def decoded_schema():

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from dcam.pipeline import stages
 from dcam.pipeline.config import config_hash, to_dict
 from dcam.pipeline.manifest import SUCCESS, RunDir, compact, load_or_create_manifest, parts_of, reconcile
 from dcam.pipeline.sources import list_shards
@@ -25,49 +26,6 @@ class JobIncompleteError(RuntimeError):
 
 class DriverInterrupted(RuntimeError):
     """Raised by the test-only `testing.stop_after_rows` switch to simulate losing the driver."""
-
-
-# -- stage functions (module level: shipped to Ray tasks by reference) -------------------------
-def read_rows(item: dict, storage_options: dict, source: dict):
-    """One shard -> its raw rows. A shard that fails mid-read still yields one error row for each
-    of its remaining rows (ids derived from the shard), so input and output counts always match."""
-    from dcam.pipeline.sources import ShardSpec, read_shard
-    from dcam.pipeline.storage import describe_error, secrets_of
-
-    spec = ShardSpec(item["url"], item["format"], item["shard_key"])
-    n = 0
-    try:
-        for row in read_shard(spec, storage_options, source):
-            n += 1
-            yield row
-    except Exception as e:  # noqa: BLE001 - recorded on every remaining row, never swallowed
-        reason = f"shard read failed after {n} rows: {describe_error(e, secrets_of(storage_options))}"
-        for k in range(n, int(item["rows"])):
-            yield dict(id=f"{spec.shard_key}-{k}", shard=spec.url, row_index=k, image=None, image_uri=None,
-                       prompt=None, response=None, mask=None, objects=None, status="error", error=reason,
-                       error_kind="shard_read")
-
-
-def read_decoded_rows(item: dict, cfg: dict):
-    """One shard -> its decoded rows (read and decode fused in one CPU task: one worker import,
-    no intermediate block of encoded images)."""
-    from dcam.pipeline.decode import DecodeStage
-
-    stage = DecodeStage(cfg)
-    for raw in read_rows(item, cfg.get("storage") or {}, cfg["source"]):
-        yield stage.decode_one(raw)
-
-
-def refine_score_batch(batch, methods: dict, sink_cfg: dict, cfg_hash: str):
-    from dcam.actors.score_stage import RefineScoreStage
-
-    return RefineScoreStage(methods, sink_cfg, cfg_hash)(batch)
-
-
-def write_batch(batch, run_url: str, cfg_hash: str, shard_keys: dict, storage_options: dict):
-    from dcam.pipeline.sinks import WriteStage
-
-    return WriteStage(run_url, cfg_hash, shard_keys, storage_options)(batch)
 
 
 # -- driver --------------------------------------------------------------------------------------
@@ -154,16 +112,16 @@ def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
     bs = int(d["probe"]["batch_size"])
     items = [dict(url=e.url, format=e.format, shard_key=e.shard_key, rows=e.rows) for e in pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_decoded_rows, fn_kwargs=dict(cfg=d), num_cpus=d["decode_num_cpus"])
+    ds = ds.flat_map(stages.read_decoded_rows, fn_kwargs=dict(cfg=d), num_cpus=d["decode_num_cpus"])
     a = d["actors"]
     ds = ds.map_batches(ProbeActor, batch_size=bs, batch_format="numpy",
                         fn_constructor_kwargs=dict(model_cfg=d["model"], methods=d["methods"], probe_cfg=d["probe"],
                                                    testing=d.get("testing") or {}),
                         compute=ActorPoolStrategy(min_size=int(a["pool_min"]), max_size=int(a["pool_max"])),
                         num_gpus=a["num_gpus"], num_cpus=a["num_cpus"])
-    ds = ds.map_batches(refine_score_batch, batch_size=bs, batch_format="numpy", num_cpus=d["score_num_cpus"],
+    ds = ds.map_batches(stages.refine_score_batch, batch_size=bs, batch_format="numpy", num_cpus=d["score_num_cpus"],
                         fn_kwargs=dict(methods=d["methods"], sink_cfg=d["sink"], cfg_hash=cfg_hash))
-    return ds.map_batches(write_batch, batch_size=None, batch_format="numpy", num_cpus=d["score_num_cpus"],
+    return ds.map_batches(stages.write_batch, batch_size=None, batch_format="numpy", num_cpus=d["score_num_cpus"],
                           fn_kwargs=dict(run_url=run.url, cfg_hash=cfg_hash, storage_options=so,
                                          shard_keys={e.url: e.shard_key for e in pending}))
 

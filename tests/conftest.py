@@ -80,10 +80,10 @@ def ray_local(tmp_path_factory):
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
-    import ray
-
     import shutil
     import tempfile
+
+    import ray
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     ray.init(num_cpus=2, num_gpus=1, object_store_memory=512 * 1024 * 1024, include_dashboard=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -19,12 +20,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcam.actors import scenes
-from dcam.actors.models.tiny_dmllm import (TinyDMLLM, TinyDMLLMConfig, WordTokenizer, count_parameters, diffusion_loss,
-                                           encode_prompts, encode_responses, normalise_pixels)
+from dcam.actors.models.tiny_dmllm import (
+    TinyDMLLM,
+    TinyDMLLMConfig,
+    WordTokenizer,
+    count_parameters,
+    diffusion_loss,
+    encode_prompts,
+    encode_responses,
+    normalise_pixels,
+)
 from dcam.evals.eval_tiny import caption_quality
+from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.console import emit, log
 
-
-VALIDATION_SEED = 9000  # held out from training; eval-tiny and eval-cam use other seeds
+VALIDATION_SEED = scenes.VALIDATION_SEED
 
 
 @dataclass
@@ -163,3 +173,14 @@ def _save(model, tok, report: dict, directory: str) -> None:
     with open(os.path.join(directory, "training_report.json"), "w") as f:
         json.dump(report, f, indent=1)
 
+
+def command(args) -> int:
+    """`dcam train-tiny [--json] [k=v ...]`."""
+    tc = TrainConfig(**to_dict(load_config("train_tiny", args.overrides)))
+    try:
+        report = train_tiny(tc, log=(log))
+    except QualityGateError as e:
+        print(f"quality gate failed, no checkpoint written: {e}", file=sys.stderr)
+        return 2
+    emit(report, args.json)
+    return 0

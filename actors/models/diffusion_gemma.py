@@ -77,8 +77,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dcam.actors.models.protocol import (AttributionOutput, Backend, Generation, ImageSpan, PreparedBatch, SampleError,
-                                    StructuralStateError)
+from dcam.actors.models.protocol import (
+    AttributionOutput,
+    Backend,
+    Generation,
+    ImageSpan,
+    PreparedBatch,
+    SampleError,
+    StructuralStateError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,46 +179,12 @@ class DiffusionGemmaBackend(Backend):
         self.image_token_id, self.boi_id, self.eoi_id = c.image_token_id, c.boi_token_id, c.eoi_token_id
         self.tok = tokenizer if tokenizer is not None else ByteTokenizer(self.boi_id, self.eoi_id, self.image_token_id,
                                                                          self.vocab_size)
-        vc = c.vision_config
-        self.pooling = vc.pooling_kernel_size
-        if image_processor is None:
-            from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
-            image_processor = Gemma4ImageProcessorPil(patch_size=vc.patch_size,
-                                                      pooling_kernel_size=vc.pooling_kernel_size,
-                                                      max_soft_tokens=max_soft_tokens or 280)
-        elif max_soft_tokens:
-            image_processor.max_soft_tokens = int(max_soft_tokens)
-        self.image_processor = image_processor
-        template = chat_template or getattr(self.tok, "chat_template", None)
-        usable = use_chat_template and template and not isinstance(self.tok, ByteTokenizer)
-        self.chat_template = template if usable else None
-        self._image_strs = None
-        if self.chat_template:
-            conv = self.tok.convert_ids_to_tokens
-            self._image_strs = (getattr(self.tok, "image_token", None) or conv(self.image_token_id),
-                                conv(self.boi_id), conv(self.eoi_id), conv(self.image_token_id))
-
-        # generation parameters: the checkpoint's generation_config.json, then the mixin's defaults, then ours
-        gc, _ = model._prepare_generation_config(None)
-        self.gen_steps = int(gen_steps or gc.max_denoising_steps)
-        self.t_min = float(t_min if t_min is not None else gc.t_min)
-        self.t_max = float(t_max if t_max is not None else gc.t_max)
-        self.entropy_bound = float(entropy_bound if entropy_bound is not None else gc.sampler_config.entropy_bound)
-        self.stability_threshold = stability_threshold if stability_threshold is not None else gc.stability_threshold
-        self.confidence_threshold = confidence_threshold if confidence_threshold is not None else gc.confidence_threshold
-        eos = gc.eos_token_id if gc.eos_token_id is not None else self.text_config.eos_token_id
-        eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-        if eos_id is None and self.chat_template and len(eos) > 1:
-            # an instruction model ends its answer with the end-of-turn token its chat template writes
-            in_template = [e for e in eos if (t := self.tok.convert_ids_to_tokens(e)) and t in self.chat_template
-                           and t != getattr(self.tok, "bos_token", None)]
-            eos_id = in_template[0] if in_template else None
-        if eos_id is not None:
-            eos = [int(eos_id)] + [e for e in eos if e != int(eos_id)]
-        if not eos:
-            raise ValueError("DiffusionGemma checkpoint defines no eos_token_id; set model.eos_id")
-        self.eos_id, self.eos_ids = eos[0], tuple(eos)
+        self.pooling = c.vision_config.pooling_kernel_size
+        self.image_processor = self._image_processor(image_processor, max_soft_tokens)
+        self._init_chat_template(chat_template, use_chat_template)
+        gc, _ = model._prepare_generation_config(None)  # the checkpoint's generation_config.json + defaults
+        self._init_generation(gc, gen_steps, t_min, t_max, entropy_bound, stability_threshold, confidence_threshold)
+        self.eos_id, self.eos_ids = self._end_ids(gc, eos_id)
         pad = gc.pad_token_id if gc.pad_token_id is not None else self.text_config.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.bos_id = self.text_config.bos_token_id
@@ -222,12 +195,62 @@ class DiffusionGemmaBackend(Backend):
                                     generator=torch.Generator().manual_seed(self.noise_seed)).to(self.device)
         special = set(getattr(self.tok, "all_special_ids", []) or [])
         self._special = special | set(self.eos_ids) | {self.pad_id, self.image_token_id, self.boi_id, self.eoi_id, NOISE}
+        self._named = self._named_hook_points()
+        self.last_trace: dict | None = None  # per-step record of the latest generate / forced_trajectory
+
+    def _image_processor(self, image_processor, max_soft_tokens: int | None):
+        vc = self.config.vision_config
+        if image_processor is None:
+            from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+            return Gemma4ImageProcessorPil(patch_size=vc.patch_size, pooling_kernel_size=vc.pooling_kernel_size,
+                                           max_soft_tokens=max_soft_tokens or 280)
+        if max_soft_tokens:
+            image_processor.max_soft_tokens = int(max_soft_tokens)
+        return image_processor
+
+    def _init_chat_template(self, chat_template: str | None, use_chat_template: bool) -> None:
+        template = chat_template or getattr(self.tok, "chat_template", None)
+        usable = use_chat_template and template and not isinstance(self.tok, ByteTokenizer)
+        self.chat_template = template if usable else None
+        self._image_strs = None
+        if self.chat_template:
+            conv = self.tok.convert_ids_to_tokens
+            self._image_strs = (getattr(self.tok, "image_token", None) or conv(self.image_token_id),
+                                conv(self.boi_id), conv(self.eoi_id), conv(self.image_token_id))
+
+    def _init_generation(self, gc, gen_steps, t_min, t_max, entropy_bound, stability_threshold,
+                         confidence_threshold) -> None:
+        """Generation parameters: ours where given, else the checkpoint's generation config."""
+        self.gen_steps = int(gen_steps or gc.max_denoising_steps)
+        self.t_min = float(t_min if t_min is not None else gc.t_min)
+        self.t_max = float(t_max if t_max is not None else gc.t_max)
+        self.entropy_bound = float(entropy_bound if entropy_bound is not None else gc.sampler_config.entropy_bound)
+        self.stability_threshold = stability_threshold if stability_threshold is not None else gc.stability_threshold
+        self.confidence_threshold = confidence_threshold if confidence_threshold is not None else gc.confidence_threshold
+
+    def _end_ids(self, gc, eos_id: int | None) -> tuple[int, tuple[int, ...]]:
+        """(first end id, every end id). An instruction model ends its answer with the end-of-turn
+        token its chat template writes, so that one comes first when the config lists several."""
+        eos = gc.eos_token_id if gc.eos_token_id is not None else self.text_config.eos_token_id
+        eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        if eos_id is None and self.chat_template and len(eos) > 1:
+            in_template = [e for e in eos if (t := self.tok.convert_ids_to_tokens(e)) and t in self.chat_template
+                           and t != getattr(self.tok, "bos_token", None)]
+            eos_id = in_template[0] if in_template else None
+        if eos_id is not None:
+            eos = [int(eos_id)] + [e for e in eos if e != int(eos_id)]
+        if not eos:
+            raise ValueError("DiffusionGemma checkpoint defines no eos_token_id; set model.eos_id")
+        return eos[0], tuple(eos)
+
+    def _named_hook_points(self) -> dict[str, str]:
         mid = self.n_layers // 2 - 1 if self.n_layers >= 2 else None
         early = -(-self.n_layers // 4) - 1 if self.n_layers >= 1 else None  # block at a quarter of the depth
-        self._named = ({"mid": f"encoder.layers.{mid}.out", "mid_norm2": f"encoder.layers.{mid}.pre_ffn_norm"}
-                       if mid is not None and mid >= 0 else {"mid": "encoder.embed", "mid_norm2": "encoder.embed"})
-        self._named["early"] = f"encoder.layers.{early}.out" if early is not None and early >= 0 else "encoder.embed"
-        self.last_trace: dict | None = None  # per-step record of the latest generate / forced_trajectory
+        named = ({"mid": f"encoder.layers.{mid}.out", "mid_norm2": f"encoder.layers.{mid}.pre_ffn_norm"}
+                 if mid is not None and mid >= 0 else {"mid": "encoder.embed", "mid_norm2": "encoder.embed"})
+        named["early"] = f"encoder.layers.{early}.out" if early is not None and early >= 0 else "encoder.embed"
+        return named
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
@@ -465,16 +488,7 @@ class DiffusionGemmaBackend(Backend):
                 new_argmax = processed.argmax(-1)
             else:
                 denoised, new_argmax = forced, forced
-            # entropy-bound acceptance (EntropyBoundSampler.accept_canvas)
-            entropy = torch.distributions.Categorical(logits=processed).entropy()
-            sorted_h, order = torch.sort(entropy, dim=-1)
-            sel = (torch.cumsum(sorted_h, dim=-1) - sorted_h) <= self.entropy_bound
-            accept = torch.scatter(torch.zeros_like(sel), -1, order, sel)
-            accepted = torch.where(accept, denoised, canvas)
-            noise = canvas.clone()
-            for i in active:  # renoise_canvas: fresh uniform tokens wherever not accepted
-                noise[i] = torch.randint(0, V, (1, L), generator=gens[i], device=dev)[0]
-            new_canvas = torch.where(accept, accepted, noise)
+            accept, new_canvas = self._accept_and_renoise(processed, denoised, canvas, active, gens)
             acc_rec.append(accept)
             tok_rec.append(denoised.clone())
             if self.stability_threshold is not None and self.confidence_threshold is not None:
@@ -494,8 +508,21 @@ class DiffusionGemmaBackend(Backend):
         self.last_trace = {"inputs": torch.stack(in_rec), "accepted": torch.stack(acc_rec),
                            "tokens": torch.stack(tok_rec), "last_step": last}
         gen = Generation(ids=final, commit_step=commit, n_steps=N, source="generated" if forced is None else "given")
-        gen.final_step = last  # (B,) each row's last pass (early stopping); read by the probe once it supports it
+        gen.final_step = last  # (B,) each row's last pass (early stopping): the `last_step` state
         return gen
+
+    def _accept_and_renoise(self, processed, denoised, canvas, active: list[int], gens) -> tuple:
+        """EntropyBoundSampler.accept_canvas (lowest-entropy positions while their cumulative entropy
+        stays within the bound), then renoise_canvas: fresh uniform tokens wherever not accepted."""
+        entropy = torch.distributions.Categorical(logits=processed).entropy()
+        sorted_h, order = torch.sort(entropy, dim=-1)
+        sel = (torch.cumsum(sorted_h, dim=-1) - sorted_h) <= self.entropy_bound
+        accept = torch.scatter(torch.zeros_like(sel), -1, order, sel)
+        accepted = torch.where(accept, denoised, canvas)
+        noise = canvas.clone()
+        for i in active:
+            noise[i] = torch.randint(0, self.vocab_size, (1, canvas.shape[1]), generator=gens[i], device=self.device)[0]
+        return accept, torch.where(accept, accepted, noise)
 
     @staticmethod
     def _image_outputs(inp: dict):
@@ -554,6 +581,15 @@ class DiffusionGemmaBackend(Backend):
         _, _, i, part = hook.split(".")
         return part in ("in", "input_norm") or int(i) < self.n_layers - 1
 
+    def _refuse_dead_hooks(self, enc_hooks: list[str]) -> None:
+        dead = [h for h in enc_hooks if not self._reaches_canvas(h)]
+        if dead:
+            raise StructuralStateError(
+                f"hook(s) {dead}: the DiffusionGemma decoder reads the encoder only through the K/V of each "
+                f"encoder layer, so the encoder's last-layer output, its internals and the final norm never reach "
+                f"the canvas logits (identically zero gradient); hook encoder.layers.<i>.out with "
+                f"i < {self.n_layers - 1}")
+
     def attribution_forward(self, batch, rows, canvas, hooks, image_keep=None):
         m = self.model
         enc_lm = m.model.encoder.language_model
@@ -563,13 +599,7 @@ class DiffusionGemmaBackend(Backend):
         enc_hooks = [h for h in hooks if not h.startswith("decoder.")]
         dec_hooks = [h for h in hooks if h.startswith("decoder.")]
         if grad:
-            dead = [h for h in enc_hooks if not self._reaches_canvas(h)]
-            if dead:
-                raise StructuralStateError(
-                    f"hook(s) {dead}: the DiffusionGemma decoder reads the encoder only through the K/V of each "
-                    f"encoder layer, so the encoder's last-layer output, its internals and the final norm never reach "
-                    f"the canvas logits (identically zero gradient); hook encoder.layers.<i>.out with "
-                    f"i < {self.n_layers - 1}")
+            self._refuse_dead_hooks(enc_hooks)
         rows = rows.to(self.device)
         canvas = canvas.to(self.device)
         if ((canvas < 0) & (canvas != NOISE)).any() or (canvas >= self.vocab_size).any():
@@ -580,8 +610,6 @@ class DiffusionGemmaBackend(Backend):
             uniq, inv = torch.unique(rows, return_inverse=True)
         else:
             uniq, inv = rows, torch.arange(n_rows, device=self.device)
-        ids = inp["input_ids"][uniq]
-        T = ids.shape[1]
         pos_u, _ = self._positions(inp["attention_mask"][uniq], L)
         pos_n, dec_pos = self._positions(inp["attention_mask"][rows], L)
         cache = self._new_cache()
@@ -589,14 +617,8 @@ class DiffusionGemmaBackend(Backend):
         masks_n = self._encoder_masks(inp["attention_mask"][rows], inp["mm_token_type_ids"][rows], cache, pos_n)
         split = min([self._split_of(h) for h in enc_hooks], default=self.n_layers)
         acts: dict[str, torch.Tensor] = {}
-        handles = []
         with torch.no_grad():  # the graph starts at the hooked layer: vision tower and lower layers are not explained
-            feats = inp["image_features"][uniq][_valid(inp["image_counts"][uniq], inp["image_features"].shape[1])]
-            x = enc_lm.embed_tokens(ids)
-            img = (ids == self.image_token_id)[..., None]
-            x = x.masked_scatter(img, feats.to(x.dtype))
-            if image_keep is not None:  # a blanked image token keeps its position and type (mask), loses its content
-                x = torch.where(self._blank_positions(batch, rows, image_keep, T)[..., None], torch.zeros_like(x), x)
+            x = self._encoder_embeddings(batch, uniq, rows, image_keep)
             pe_u = {t: enc_lm.rotary_emb(x, pos_u, t) for t in enc_lm.unique_layer_types}
             pe_n = {t: enc_lm.rotary_emb(x, pos_n, t) for t in enc_lm.unique_layer_types}
             types = self.text_config.layer_types
@@ -609,13 +631,7 @@ class DiffusionGemmaBackend(Backend):
         h = h[inv]
         if grad and enc_hooks:
             h = h.detach().requires_grad_(True)
-        for hook in enc_hooks:
-            if hook == "final_norm":
-                continue
-            if self._split_of(hook) == split and hook.rsplit(".", 1)[-1] in ("embed", "in", "out"):
-                acts[hook] = h
-            else:
-                handles.append(self._register(enc_lm.layers, hook, acts))
+        handles = self._hook_encoder(enc_hooks, split, h, acts)
         try:
             for i in range(split, self.n_layers):
                 h = enc_lm.layers[i](h, position_embeddings=pe_n[types[i]], attention_mask=masks_n[types[i]],
@@ -635,6 +651,31 @@ class DiffusionGemmaBackend(Backend):
             for hd in handles:
                 hd.remove()
         return AttributionOutput(logits=out.logits, activations=acts)
+
+    def _hook_encoder(self, enc_hooks: list[str], split: int, h: torch.Tensor, acts: dict) -> list:
+        """Hooked encoder states: the graph's starting tensor itself where the hook is the split
+        point's input/output, else a forward hook (final_norm is read after the last layer)."""
+        handles = []
+        for hook in enc_hooks:
+            if hook == "final_norm":
+                continue
+            if self._split_of(hook) == split and hook.rsplit(".", 1)[-1] in ("embed", "in", "out"):
+                acts[hook] = h
+            else:
+                handles.append(self._register(self.model.model.encoder.language_model.layers, hook, acts))
+        return handles
+
+    def _encoder_embeddings(self, batch, uniq, rows, image_keep):
+        """Token embeddings of the encoder input with the image soft tokens spliced in; with
+        image_keep, a blanked image token keeps its position and type (mask) and loses its content."""
+        inp = batch.inputs
+        ids = inp["input_ids"][uniq]
+        feats = inp["image_features"][uniq][_valid(inp["image_counts"][uniq], inp["image_features"].shape[1])]
+        x = self.model.model.encoder.language_model.embed_tokens(ids)
+        x = x.masked_scatter((ids == self.image_token_id)[..., None], feats.to(x.dtype))
+        if image_keep is not None:
+            x = torch.where(self._blank_positions(batch, rows, image_keep, ids.shape[1])[..., None], torch.zeros_like(x), x)
+        return x
 
     def _register(self, layers, hook: str, acts: dict):
         parts = hook.split(".")

@@ -22,17 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dcam.actors.errors import KindedError
+
 
 class StructuralStateError(RuntimeError):
     """The hooked state does not hold the full image span: no valid map can be formed from it."""
 
 
-class SampleError(ValueError):
+class SampleError(KindedError, ValueError):
     """One sample cannot be prepared (bad prompt, unknown words, ...). `kind` classifies it."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,15 @@ import torch
 from dcam.actors.models.protocol import Backend, SampleError
 from dcam.actors.probe.faithfulness import faithfulness
 from dcam.actors.probe.grid import TokenMap
-from dcam.actors.probe.targets import (ProbeConfig, Target, answer_length, build_targets, end_ids, obtain_response,
-                                       select_positions)
+from dcam.actors.probe.targets import (
+    ProbeConfig,
+    Target,
+    answer_length,
+    build_targets,
+    end_ids,
+    obtain_response,
+    select_positions,
+)
 from dcam.actors.probe.variants import get_variant
 
 

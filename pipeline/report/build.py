@@ -26,16 +26,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dcam.pipeline.console import format_table
 from dcam.pipeline.manifest import MANIFEST, SUCCESS, RunDir
 from dcam.pipeline.report.drift import Drift
-from dcam.pipeline.report.scan import (BOOT_METRICS, BREAKDOWN_DIMS, RunScan, f3_aggregate, interval, iter_batches, num,
-                                  result_files)
-from dcam.pipeline.report.sections import (render_breakdowns, render_drift, render_failures,
-                                      render_galleries, render_headline, render_histograms, render_label_free,
-                                      render_steps)
+from dcam.pipeline.report.gate import gate, parse_thresholds
+from dcam.pipeline.report.scan import (
+    BOOT_METRICS,
+    BREAKDOWN_DIMS,
+    RunScan,
+    f3_aggregate,
+    interval,
+    iter_batches,
+    num,
+    result_files,
+)
+from dcam.pipeline.report.sections import (
+    render_breakdowns,
+    render_drift,
+    render_failures,
+    render_galleries,
+    render_headline,
+    render_histograms,
+    render_label_free,
+    render_steps,
+)
 from dcam.pipeline.report.template import page
 from dcam.pipeline.storage import join_url, open_fs, redact, secrets_of, with_retries
-from dcam.pipeline.report.gate import gate, parse_thresholds
 
 FETCH_COLS = ["id", "shard", "row_index", "response", "token", "token_index", "object_id", "method", "refine", "step",
               "map", "map_h", "map_w", "obj_iou", "pointing", "energy", "deletion_auc", "insertion_auc", "thumbnail",
@@ -260,15 +276,12 @@ def parse_options(overrides: list[str] | None) -> dict:
 
 def format_text(s: dict) -> str:
     """The headline as a terminal table."""
-    cols = ("obj_iou", "f3", "pointing", "energy", "deletion_auc", "map_top10")
+    cols = ["rows", "obj_iou", "f3", "pointing", "energy", "deletion_auc", "map_top10"]
+    rows = [dict(method=r["method"], refine=r["refine"], rows=r["rows"], **{c: r["metrics"][c]["mean"] for c in cols[1:]})
+            for r in s["headline"]]
     lines = [f"dcam report {s['run']}: {s['inputs']} input rows, {s['ok']} ok, {s['inputs'] - s['ok']} errors, "
-             f"{s['rows']} result rows",
-             f"  {'method':18s} {'refine':20s} {'rows':>7s} " + " ".join(f"{c[:12]:>12s}" for c in cols)]
-    for r in s["headline"]:
-        cells = " ".join(f"{r['metrics'][c]['mean']:12.3f}" if r["metrics"][c]["mean"] is not None else f"{'-':>12s}"
-                         for c in cols)
-        lines.append(f"  {r['method']:18s} {r['refine']:20s} {r['rows']:7d} {cells}")
-    lines.append(f"  report: {s['report']}")
+             f"{s['rows']} result rows", format_table([("method", 18), ("refine", 20)], cols, rows, width=12, indent="  "),
+             f"  report: {s['report']}"]
     return "\n".join(lines)
 
 

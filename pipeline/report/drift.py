@@ -14,8 +14,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dcam.pipeline.report.scan import (BOOT_CHUNK, ROW_METRICS, GroupBootstrap, TopK, f3_aggregate, interval, iter_batches,
-                                  list_parts, num, poisson_weights, sample_word_groups)
+from dcam.pipeline.report.scan import (
+    BOOT_CHUNK,
+    ROW_METRICS,
+    GroupBootstrap,
+    TopK,
+    f3_aggregate,
+    interval,
+    iter_batches,
+    list_parts,
+    num,
+    poisson_weights,
+    sample_word_groups,
+)
 
 PAIR_KEY = ("shard", "row_index", "method", "token_index", "step")
 F3_PARTS = ("obj_iou", "contrast", "concentration")

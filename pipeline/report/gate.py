@@ -3,8 +3,7 @@
 threshold; lower-is-better metrics (actors.schema.LOWER_BETTER) fail when above it."""
 from __future__ import annotations
 
-import math
-
+from dcam.actors.numeric import is_missing
 from dcam.actors.schema import LOWER_BETTER
 from dcam.pipeline.report.sections import FAITHFULNESS, LOCALISATION
 
@@ -35,7 +34,7 @@ def check_fail_under(table: list[dict], thresholds: dict[str, float], method: st
             continue
         for k, thr in thresholds.items():
             v = row.get(k)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+            if is_missing(v):
                 reasons.append(f"{row['method']}/{row['refine']}: {k} not measured (threshold {thr})")
             elif (v > thr) if k in lower_better else (v < thr):
                 reasons.append(f"{row['method']}/{row['refine']}: {k}={v:.4f} {'>' if k in lower_better else '<'} {thr}")

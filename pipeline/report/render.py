@@ -15,6 +15,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from dcam.actors.numeric import is_missing
+
 THUMB_PX = 144
 
 
@@ -39,7 +41,7 @@ def clip_text(text, limit: int = 160) -> str | None:
 
 def fmt(v, digits: int = 3) -> str:
     """A number for a table cell."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if is_missing(v):
         return "\u2013"
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}"

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dcam.actors.numeric import finite_or_none
 from dcam.actors.schema import MAP_STATS, TABLE_SCORES
 from dcam.pipeline.sinks import SCHEMA
 
@@ -187,10 +188,7 @@ def interval(reps: np.ndarray) -> tuple[float | None, float | None]:
     return float(lo), float(hi)
 
 
-def num(v) -> float | None:
-    """float, with NaN/None -> None (JSON-friendly)."""
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) or (hasattr(v, "dtype") and np.isnan(v)) \
-        else float(v)
+num = finite_or_none  # float, with NaN/None -> None (JSON-friendly)
 
 
 class TopK:

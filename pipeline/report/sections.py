@@ -2,11 +2,10 @@
 and the gallery rows fetched from the run) returning Safe HTML. Corpus text is always escaped."""
 from __future__ import annotations
 
-from dcam.pipeline.report.render import (Safe, clip_text, esc, fmt, histograms, img_tag, interval_cell, overlay,
-                                    table)
+from dcam.actors.schema import FAITHFULNESS_SCORES, MAP_STATS
+from dcam.pipeline.report.render import Safe, clip_text, esc, fmt, histograms, img_tag, interval_cell, overlay, table
 from dcam.pipeline.report.scan import BOOT_METRICS, BREAKDOWN_METRICS
 from dcam.pipeline.report.template import section
-from dcam.actors.schema import FAITHFULNESS_SCORES, MAP_STATS
 
 LOCALISATION = ("obj_iou", "contrast", "concentration", "f3", "f3_mean", "pointing", "pointing_tol", "energy",
                 "wrong_object")

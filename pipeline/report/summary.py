@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pyarrow.dataset as pads
 
+from dcam.actors.numeric import finite_or_none, nanmean
 from dcam.actors.schema import TABLE_SCORES
+from dcam.pipeline.console import format_table
 from dcam.pipeline.manifest import RunDir
 from dcam.pipeline.report.build import build_report
 from dcam.pipeline.report.gate import check_fail_under, parse_fail_under
-
 
 
 def read_results(run: RunDir, columns: list[str]):
@@ -32,9 +33,8 @@ def localisation_table(t) -> list[dict]:
         row = dict(method=method, refine=refine, rows=sel.num_rows)
         for k in TABLE_SCORES:
             v = sel[k].to_numpy(zero_copy_only=False).astype(float)
-            v = v[~np.isnan(v)]
-            row[k] = float(v.mean()) if len(v) else None
-            row[f"{k}_n"] = int(len(v))
+            row[k] = finite_or_none(nanmean(v))
+            row[f"{k}_n"] = int((~np.isnan(v)).sum())
         out.append(row)
     return out
 
@@ -59,11 +59,8 @@ def format_summary(s: dict) -> str:
     if s.get("rows_per_s"):
         lines.append(f"  throughput this execution: {s['rows_per_s']:.2f} input rows/s over {s['seconds']:.1f}s")
     if s["table"]:
-        cols = ("obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc")
-        lines.append(f"  {'method':18s} {'refine':20s} {'rows':>6s} " + " ".join(f"{c[:11]:>11s}" for c in cols))
-        for r in s["table"]:
-            cells = " ".join(f"{r[c]:11.3f}" if r[c] is not None else f"{'-':>11s}" for c in cols)
-            lines.append(f"  {r['method']:18s} {r['refine']:20s} {r['rows']:6d} {cells}")
+        cols = ["rows", "obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc"]
+        lines.append(format_table([("method", 18), ("refine", 20)], cols, s["table"], width=11, indent="  "))
     return "\n".join(lines)
 
 

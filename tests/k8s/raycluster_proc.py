@@ -37,8 +37,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path when psutil is not installed)
 import psutil  # noqa: E402
+import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path when psutil is not installed)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PORT_OPTIONS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",

@@ -22,9 +22,9 @@ import zlib
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
-import pyarrow.parquet as pq
 from PIL import Image
 
 from dcam.pipeline.storage import join_url, open_fs

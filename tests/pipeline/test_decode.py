@@ -6,12 +6,29 @@ import json
 
 import numpy as np
 import pytest
+from badinput import (  # noqa: F401
+    FLAKY_SECRET,
+    SIZE,
+    FlakyFS,
+    encode,
+    flaky,
+    outcome_key,
+    rgb_image,
+    special_images,
+    write_bad_input_shard,
+)
 from PIL import Image
 
-from badinput import FLAKY_SECRET, SIZE, FlakyFS, encode, flaky, outcome_key, rgb_image, special_images  # noqa: F401
-from badinput import write_bad_input_shard
-from dcam.pipeline.decode import (DECODED_COLUMNS, DecodeError, DecodeStage, check_objects, decode_image, decode_mask,
-                             decoded_schema, resize_nearest)
+from dcam.pipeline.decode import (
+    DECODED_COLUMNS,
+    DecodeError,
+    DecodeStage,
+    check_objects,
+    decode_image,
+    decode_mask,
+    decoded_schema,
+    resize_nearest,
+)
 from dcam.pipeline.sources import count_rows, list_shards, read_shard
 
 

@@ -1,5 +1,5 @@
 """Issue 7, unit level (no Ray, fast): transient storage errors while reading input shards
-(`pipeline.job.read_rows`) and while writing part files (`pipeline.sinks.WriteStage`).
+(`pipeline.stages.read_rows`) and while writing part files (`pipeline.sinks.WriteStage`).
 
 Faults are injected with in-memory filesystems: `FaultFS` (below; protocol "faultfs://") fails
 `open` a set number of times per mode, or breaks a reader after a set number of read calls; the
@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from badinput import FLAKY_SECRET, FlakyFS, flaky  # noqa: F401 - fixture
 from fsspec.implementations.memory import MemoryFileSystem
 
-from badinput import FLAKY_SECRET, FlakyFS, flaky  # noqa: F401 - fixture
-from dcam.pipeline.job import read_rows
 from dcam.pipeline.sinks import WriteStage, part_name
 from dcam.pipeline.sources import make_shard_key
+from dcam.pipeline.stages import read_rows
 from dcam.pipeline.storage import RetriesExhaustedError
 
 SECRET = "dcamSECRET-faults-" + uuid.uuid4().hex  # planted in the storage options; must never surface

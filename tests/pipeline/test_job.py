@@ -8,13 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from jobutil import FAST, _keys, _results, _run
 
 from dcam.actors import scenes
 from dcam.pipeline.config import load_config
 from dcam.pipeline.job import DriverInterrupted
 from dcam.pipeline.synth import write_corpus
-
-from jobutil import FAST, _keys, _results, _run
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from jobutil import FAST, _keys, _results, _run
 
 from dcam.actors import scenes
 from dcam.actors.models.diffusion_gemma import tiny_config
 from dcam.pipeline.synth import write_corpus
-
-from jobutil import FAST, _keys, _results, _run
 
 pytestmark = pytest.mark.slow
 

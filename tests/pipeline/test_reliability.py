@@ -9,11 +9,11 @@ import tempfile
 import time
 
 import pytest
+from badinput import outcome_key, write_bad_input_shard
+from jobutil import FAST, _keys, _results, _run
 
 from dcam.actors import scenes
 from dcam.pipeline.synth import write_corpus
-from badinput import outcome_key, write_bad_input_shard
-from jobutil import FAST, _keys, _results, _run
 
 pytestmark = pytest.mark.slow
 

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from jobutil import FAST, _results, _run
 
 from dcam.actors import scenes
 from dcam.actors.models import load_backend
 from dcam.actors.models.loading import CheckpointError
 from dcam.actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
-from jobutil import FAST, _results, _run
 from dcam.pipeline import storage
 from dcam.pipeline.storage import DEFAULT_ALLOWED_SCHEMES, SchemeNotAllowedError
 from dcam.pipeline.synth import png_bytes, write_corpus
@@ -374,7 +374,8 @@ def test_storage_objects_and_errors_never_show_credentials(monkeypatch):
     from dcam.pipeline.decode import DecodeStage
     from dcam.pipeline.manifest import RunDir
     from dcam.pipeline.sinks import WriteStage
-    from dcam.pipeline.sources import _Ctx, shard_spec
+    from dcam.pipeline.sources import shard_spec
+    from dcam.pipeline.sources.base import ShardContext
 
     key, secret, token = "DCAMKEY" + pysecrets.token_hex(6).upper(), "dcamSECRET-" + pysecrets.token_hex(8) + "/+=", \
         "dcamTOKEN-" + pysecrets.token_hex(8)
@@ -388,7 +389,7 @@ def test_storage_objects_and_errors_never_show_credentials(monkeypatch):
         objs = {"RunDir": RunDir("memory:///dcam-security-repr/run", so),
                 "WriteStage": WriteStage("memory:///dcam-security-repr/run", "h", {}, so),
                 "DecodeStage": DecodeStage({"storage": so}),
-                "_Ctx": _Ctx.make(shard_spec("memory:///dcam-security-repr/x.jsonl", "jsonl"), so, {}),
+                "ShardContext": ShardContext.make(shard_spec("memory:///dcam-security-repr/x.jsonl", "jsonl"), so, {}),
                 "safe_options": storage.safe_options(so)}
         shown = {name: f"{o!s}\n{o!r}" for name, o in objs.items()}
     finally:

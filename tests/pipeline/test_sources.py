@@ -13,14 +13,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from badinput import FLAKY_SECRET, FlakyFS, flaky  # noqa: F401 - fixture
 from PIL import Image
 
-from badinput import FLAKY_SECRET, FlakyFS, flaky  # noqa: F401 - fixture
 from dcam.pipeline import sources, storage
-from dcam.pipeline.sources import (ShardSpec, SourceError, count_rows, list_shards, make_shard_key, polygon_mask,
-                              read_shard, rle_counts_from_string, rle_decode, safe_name)
-from dcam.pipeline.storage import (RetriesExhaustedError, SchemeNotAllowedError, is_transient, open_fs, redact,
-                              with_retries)
+from dcam.pipeline.sources import ShardSpec, SourceError, count_rows, list_shards, make_shard_key, read_shard
+from dcam.pipeline.sources.base import safe_name
+from dcam.pipeline.sources.coco import polygon_mask, rle_counts_from_string, rle_decode
+from dcam.pipeline.storage import (
+    RetriesExhaustedError,
+    SchemeNotAllowedError,
+    is_transient,
+    open_fs,
+    redact,
+    with_retries,
+)
 
 SECRET = FLAKY_SECRET  # planted in the flaky storage options; contains URL-special characters
 

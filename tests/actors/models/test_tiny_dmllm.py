@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from dcam.actors import scenes
-from dcam.actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, UnknownWordError, WordTokenizer, denoise, normalise_pixels
-from dcam.actors.models.tiny_dmllm import encode_prompts
+from dcam.actors.models.tiny_dmllm import (
+    TinyDMLLM,
+    TinyDMLLMConfig,
+    UnknownWordError,
+    WordTokenizer,
+    denoise,
+    encode_prompts,
+    normalise_pixels,
+)
 
 
 @pytest.fixture(scope="module")

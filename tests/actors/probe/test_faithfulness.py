@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dcam.actors import scenes
-from dcam.actors.probe.faithfulness import curve_auc, faithfulness, keep_masks
 from dcam.actors.models.tiny_backend import TinyBackend
+from dcam.actors.probe.faithfulness import curve_auc, faithfulness, keep_masks
 from dcam.actors.probe.targets import ProbeConfig, build_targets, obtain_response, select_positions
 
 

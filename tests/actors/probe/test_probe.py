@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from dcam.actors import scenes
-from dcam.actors.probe.grid import normalise_maps, slice_grid
-from dcam.actors.probe.variants import GradCamReference, GradNorm, GradXAct, LlavaCam, PaperCam
 from dcam.actors.models.protocol import ImageSpan, StructuralStateError
 from dcam.actors.models.tiny_backend import TinyBackend
 from dcam.actors.models.tiny_dmllm import TinyDMLLM, TinyDMLLMConfig, WordTokenizer
 from dcam.actors.probe.explain import explain_batch
+from dcam.actors.probe.grid import normalise_maps, slice_grid
 from dcam.actors.probe.targets import ProbeConfig
+from dcam.actors.probe.variants import GradCamReference, GradNorm, GradXAct, LlavaCam, PaperCam
 
 
 class _Batch:

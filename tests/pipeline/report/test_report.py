@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dcam.benchmarks.synthetic_run import write_synthetic_run
 from dcam.pipeline.report.build import gate, generate_report, main_report
 from dcam.pipeline.report.drift import Drift, map_distances
 from dcam.pipeline.report.render import esc, table
-from dcam.pipeline.report.sections import card
 from dcam.pipeline.report.scan import RunScan, f3_aggregate, map_stats, result_files
-from dcam.benchmarks.synthetic_run import write_synthetic_run
+from dcam.pipeline.report.sections import card
 from dcam.pipeline.report.template import SECTIONS
 from dcam.pipeline.storage import open_fs
 

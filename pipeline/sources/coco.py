@@ -1,0 +1,179 @@
+"""COCO instances JSON: one shard per file; images under `source.coco_images`; id masks
+rasterised from polygons and RLE; `source.coco_captions` gives responses."""
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dcam.pipeline.sources.base import MAX_OBJECT_ID, RowError, ShardContext, SourceError, guarded
+from dcam.pipeline.storage import join_url, open_fs, retry_settings, with_retries
+
+
+def load_json(ctx: ShardContext, path: str, fs=None) -> Any:
+    """A whole JSON document (COCO files are loaded at once: split huge annotation files for parallelism)."""
+    fs = fs or ctx.fs
+    attempts, base = retry_settings(ctx.storage_options)
+    data = with_retries(lambda: fs.cat_file(path), attempts, base, secrets=ctx.secrets)
+    return json.loads(data)
+
+
+def coco_images(doc: Any) -> list:
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise SourceError("not a COCO instances file: no 'images' list")
+    return doc["images"]
+
+
+def _coco_captions(ctx: ShardContext) -> dict:
+    url = ctx.source.get("coco_captions")
+    if not url:
+        return {}
+    fs, path = open_fs(url, ctx.storage_options)
+    first: dict = {}
+    for ann in load_json(ctx, path, fs).get("annotations", []):
+        if isinstance(ann, dict) and isinstance(ann.get("caption"), str) and isinstance(ann.get("image_id"),
+                                                                                         (int, str)):
+            first.setdefault(ann.get("image_id"), ann["caption"].strip())
+    return first
+
+
+def read_coco(ctx: ShardContext) -> Iterator[dict]:
+    doc = load_json(ctx, ctx.path)
+    images = coco_images(doc)
+    cats = {c.get("id"): str(c.get("name", "")) for c in doc.get("categories", []) if isinstance(c, dict)}
+    anns: dict[Any, list] = defaultdict(list)
+    for a in doc.get("annotations", []):
+        if isinstance(a, dict) and isinstance(a.get("image_id"), (int, str)):
+            anns[a["image_id"]].append(a)
+    captions = _coco_captions(ctx)
+    prefix = ctx.source.get("coco_images") or ctx.shard_dir()
+    for img in images:
+        img_id = img.get("id") if isinstance(img, dict) else None
+        key = img_id if isinstance(img_id, (int, str)) else None
+        yield guarded(ctx, None if key is None else str(key), _coco_row, img, anns.get(key, []), cats,
+                       captions.get(key), prefix)
+
+
+def _coco_row(img: Any, anns: list, cats: dict, caption: str | None, prefix: str) -> dict:
+    if not isinstance(img, dict) or "file_name" not in img or "id" not in img:
+        raise RowError("parse", "COCO image entry without id/file_name")
+    try:
+        h, w = int(img["height"]), int(img["width"])
+    except (KeyError, TypeError, ValueError):
+        raise RowError("parse", f"COCO image {img['id']}: missing or bad height/width") from None
+    if len(anns) > MAX_OBJECT_ID:
+        raise RowError("mask", f"COCO image {img['id']}: {len(anns)} annotations > {MAX_OBJECT_ID}")
+    objects, masks = [], []
+    for k, a in enumerate(anns, start=1):
+        if a.get("category_id") not in cats:
+            raise RowError("parse", f"annotation {a.get('id')}: unknown category_id {a.get('category_id')}")
+        try:
+            masks.append((k, bool(a.get("iscrowd")), segmentation_mask(a.get("segmentation"), h, w)))
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise RowError("mask", f"annotation {a.get('id')}: cannot rasterise segmentation ({e})") from None
+        name = cats[a["category_id"]]
+        objects.append({"id": k, "words": name.lower().split(), "category": name,
+                        "bbox": coco_bbox(a.get("bbox"), h, w), "coco_id": a.get("id"),
+                        "iscrowd": bool(a.get("iscrowd"))})
+    return {"id": str(img["id"]), "image_uri": join_url(prefix, str(img["file_name"])), "response": caption,
+            "objects": json.dumps(objects, separators=(",", ":")),
+            "mask": paint_mask(masks, h, w) if masks else None}
+
+
+def coco_bbox(bbox: Any, h: int, w: int) -> list[int] | None:
+    """COCO [x, y, width, height] (float) -> dcam [x0, y0, x1, y1] ints (x1/y1 exclusive), clipped."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    x, y, bw, bh = (float(v) for v in bbox)
+    x0, y0 = max(0, int(np.floor(x))), max(0, int(np.floor(y)))
+    return [x0, y0, min(w, max(x0, int(np.ceil(x + bw)))), min(h, max(y0, int(np.ceil(y + bh))))]
+
+
+def paint_mask(masks: list[tuple[int, bool, np.ndarray]], h: int, w: int) -> bytes:
+    """PNG of the id mask: crowd regions first, then instances in annotation order (later ones win
+    where they overlap). 8-bit PNG when ids fit, else 16-bit."""
+    out = np.zeros((h, w), np.uint16)
+    for k, _crowd, m in sorted(masks, key=lambda t: (not t[1], t[0])):
+        out[m] = k
+    img = Image.fromarray(out.astype(np.uint8)) if out.max(initial=0) <= 255 else Image.fromarray(out)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def segmentation_mask(seg: Any, h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) mask of a COCO segmentation: polygon list, RLE (compressed or counts), or list of RLEs."""
+    if isinstance(seg, dict):
+        m = rle_decode(seg)
+        if m.shape != (h, w):
+            raise ValueError(f"RLE size {list(m.shape)} != image size {[h, w]}")
+        return m
+    if not isinstance(seg, list):
+        raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
+    out = np.zeros((h, w), bool)
+    for part in seg:
+        out |= segmentation_mask(part, h, w) if isinstance(part, dict) else polygon_mask(part, h, w)
+    return out
+
+
+SUPERSAMPLE = 4
+
+
+def polygon_mask(poly: list, h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) mask of one polygon [x1, y1, x2, y2, ...] in COCO pixel coordinates (pixel (i, j)
+    spans [j, j+1) x [i, i+1)). A pixel is inside when more than half of its 4x4 sub-samples are: the
+    polygon is filled with PIL ImageDraw on a 4x supersampled canvas cropped to its bounding box."""
+    pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+    out = np.zeros((h, w), bool)
+    if len(pts) < 3 or not np.isfinite(pts).all():
+        return out
+    x0, y0 = max(0, int(np.floor(pts[:, 0].min()))), max(0, int(np.floor(pts[:, 1].min())))
+    x1, y1 = min(w, int(np.ceil(pts[:, 0].max()))), min(h, int(np.ceil(pts[:, 1].max())))
+    if x1 <= x0 or y1 <= y0:
+        return out
+    s = SUPERSAMPLE
+    canvas = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
+    local = [((x - x0) * s, (y - y0) * s) for x, y in pts]
+    ImageDraw.Draw(canvas).polygon(local, fill=1)
+    sub = np.asarray(canvas, dtype=np.uint8).reshape(y1 - y0, s, x1 - x0, s).sum(axis=(1, 3))
+    out[y0:y1, x0:x1] = sub > (s * s) // 2
+    return out
+
+
+def rle_counts_from_string(s: str | bytes) -> list[int]:
+    """Decode COCO's compressed RLE string (pycocotools' rleFrString, LEB128-like, delta-coded)."""
+    b = s.encode("ascii") if isinstance(s, str) else bytes(s)
+    counts: list[int] = []
+    p = 0
+    while p < len(b):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(b):
+                raise ValueError("truncated RLE string")
+            c = b[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """Boolean (h, w) mask of a COCO RLE {size: [h, w], counts: [...] or compressed string}.
+    Runs alternate 0/1 starting with 0, over the image in column-major (Fortran) order."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    counts = rle_counts_from_string(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
+    if any(c < 0 for c in counts) or sum(counts) != h * w:
+        raise ValueError(f"RLE counts sum to {sum(counts)}, expected {h * w} (or a run is negative)")
+    values = np.arange(len(counts)) % 2 == 1
+    flat = np.repeat(values, counts)
+    return flat.reshape(w, h).T.copy()
