@@ -1,18 +1,18 @@
-"""Diffusion-CAM refinement modules: AKD, DACG, CBA, post-CBA normalisation, SICD (spec §3).
+"""Diffusion-CAM refinement modules: AKD, DACG, CBA, post-CBA normalisation, SICD (METHOD.md §3).
 
 Every module is a pure, vectorised function over a batch of maps of shape (N, h, w) at
 token-grid resolution. Inputs are any real float array; the maths runs in float64 and the result
 has the input's float dtype (float32 in -> float32 out). `refine_batch` chains the enabled modules
-in the reference order AKD -> DACG -> CBA -> clip/min-max -> SICD (§3.1) and returns float32.
+in the reference order AKD -> DACG -> CBA -> clip/min-max -> SICD (METHOD.md §3.1) and returns float32.
 
-Deliberate differences from the reference implementation (spec §3, §6), each also commented at
+Deliberate differences from the reference implementation (METHOD.md §3, §8.2), each also commented at
 the place where it applies:
 - no exception swallowing and no "return the raw map" fallback: bad input raises ValueError;
-- no noise injection before the rank filter; a zero-variance window returns its mean (§3.2);
-- the AKD kernel size uses explicit inputs (T steps, size S) instead of hard-coded ones (§3.2);
-- DACG offers the reference's identity blur and a true 2-D spatial blur (§3.3);
-- CBA uses the closed form of the reference's branchy code (§3.4);
-- SICD uses the closed-form alpha and an explicit token set (§3.6);
+- no noise injection before the rank filter; a zero-variance window returns its mean (METHOD.md §3.2);
+- the AKD kernel size uses explicit inputs (T steps, size S) instead of hard-coded ones (METHOD.md §3.2);
+- DACG offers the reference's identity blur and a true 2-D spatial blur (METHOD.md §3.3);
+- CBA uses the closed form of the reference's branchy code (METHOD.md §3.4);
+- SICD uses the closed-form alpha and an explicit token set (METHOD.md §3.6);
 - each module has its own enable flag (SICD is not forced on).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ _MAP_BLOCK_PIXELS = 36864  # pixels per block of the per-map modules (fewer temp
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """Enable flags and every constant of the refinement modules (spec §3).
+    """Enable flags and every constant of the refinement modules (METHOD.md §3).
 
     Defaults: every module on, with dcam's clean constants (which modules a method runs is the
     method preset's choice: Diffusion-CAM's default turns AKD off, actors/methods.py);
@@ -45,14 +45,14 @@ class RefineConfig:
     dacg: bool = True
     cba: bool = True
     sicd: bool = True
-    # AKD (§3.2). k = floor(k_base * f_step * f_std * f_size), odd, clamped to [k_min, k_max].
+    # AKD (METHOD.md §3.2). k = floor(k_base * f_step * f_std * f_size), odd, clamped to [k_min, k_max].
     akd_k_base: float = 3.0
     akd_steps: float = 2.0  # T, denoising steps. Parity: the reference uses floor(1/0.5) = 2.
     akd_size: float | None = None  # S. None: grid height h in cells (reference). Paper: pixels.
     akd_kernel: int | None = None  # fixed odd kernel size; bypasses the formula when set
     akd_k_min: int = 3
     akd_k_max: int = 11
-    # DACG (§3.3)
+    # DACG (METHOD.md §3.3)
     dacg_mode: str = "spatial"
     dacg_std_thresh: float = 0.22
     dacg_mean_high: float = 0.35
@@ -60,7 +60,7 @@ class RefineConfig:
     dacg_percentiles: tuple[float, float, float, float] = (90.0, 75.0, 80.0, 85.0)
     dacg_min_thresh: float = 1e-6
     dacg_sigma: float = 0.3
-    # CBA (§3.4): tau = w_med*P50(E>0) + w_p60*P60(E) + w_mean*mean(E>0) + w_max*max(E)
+    # CBA (METHOD.md §3.4): tau = w_med*P50(E>0) + w_p60*P60(E) + w_mean*mean(E>0) + w_max*max(E)
     cba_w_median_nz: float = 0.15
     cba_w_p60_all: float = 0.15
     cba_w_mean_nz: float = 0.20  # reference writes 0.5 * 0.4
@@ -69,9 +69,9 @@ class RefineConfig:
     cba_q_all: float = 60.0
     cba_empty_tau: float = 1e-6
     cba_floor: float = 0.5
-    # Post-CBA normalisation (§3.5)
+    # Post-CBA normalisation (METHOD.md §3.5)
     norm_eps: float = 1e-8
-    # SICD (§3.6)
+    # SICD (METHOD.md §3.6)
     sicd_tokens: str = "clean"
     sicd_eos_id: int | None = None
     sicd_pad_id: int | None = None
@@ -175,11 +175,11 @@ def sorted_percentile(sorted_rows: np.ndarray, start, q) -> np.ndarray:
     return np.where(n > 0, out, np.nan)
 
 
-# ----------------------------------------------------------------------------- AKD (§3.2)
+# ----------------------------------------------------------------------------- AKD (METHOD.md §3.2)
 
 def akd_kernel_size(steps: float, map_std: float, size: float, k_base: float = 3.0,
                     k_min: int = 3, k_max: int = 11) -> int:
-    """Adaptive AKD kernel size (spec §3.2).
+    """Adaptive AKD kernel size (METHOD.md §3.2).
 
     steps: T, the number of denoising steps (the reference passes floor(1/0.5) = 2, not the
       real 32 steps). map_std: population std of the raw map. size: S (the reference passes the
@@ -331,7 +331,7 @@ def _rgf(x: np.ndarray, ks: np.ndarray) -> np.ndarray:
 
 
 def rank_gaussian_filter(maps, k: int | Sequence[int] = 3) -> np.ndarray:
-    """Rank Gaussian filter (RGF, spec §3.2) of a (N, h, w) batch.
+    """Rank Gaussian filter (RGF, METHOD.md §3.2) of a (N, h, w) batch.
 
     Per pixel: the k x k window (numpy 'reflect' padding), sorted; mu = mean, cv = std/mu
     (population std); weights exp(-r^2 / (2 cv^2)) over rank offsets r centred on the median,
@@ -346,7 +346,7 @@ def rank_gaussian_filter(maps, k: int | Sequence[int] = 3) -> np.ndarray:
 
 
 def akd(maps, cfg: RefineConfig = RefineConfig(), raw_maps=None) -> np.ndarray:
-    """Adaptive Kernel Denoising (spec §3.2): RGF with the per-map adaptive kernel size.
+    """Adaptive Kernel Denoising (METHOD.md §3.2): RGF with the per-map adaptive kernel size.
 
     raw_maps: the maps whose std drives the kernel size (the raw maps; default `maps`).
     No noise is injected (the reference adds unseeded 1e-6*max noise only to dodge RGF's NaN).
@@ -355,7 +355,7 @@ def akd(maps, cfg: RefineConfig = RefineConfig(), raw_maps=None) -> np.ndarray:
     return rank_gaussian_filter(maps, sizes)
 
 
-# ----------------------------------------------------------------------------- DACG (§3.3)
+# ----------------------------------------------------------------------------- DACG (METHOD.md §3.3)
 
 def _mean_std_rows(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row mean and population std with the same operations as np.mean / np.std."""
@@ -377,7 +377,7 @@ def _dacg_thresholds(flat: np.ndarray, cfg: RefineConfig) -> tuple[np.ndarray, n
 
 
 def dacg_thresholds(maps, cfg: RefineConfig = RefineConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """Per-map regime percentile alpha (N,) and gate threshold zeta (N,) (spec §3.3).
+    """Per-map regime percentile alpha (N,) and gate threshold zeta (N,) (METHOD.md §3.3).
 
     mu, sigma over all pixels (zeros included); first match wins: sigma > 0.22 -> 90,
     mu > 0.35 -> 75, mu < 0.25 -> 80, else 85. zeta = max(P_alpha(non-zero pixels), 1e-6),
@@ -421,7 +421,7 @@ def _dacg(x: np.ndarray, cfg: RefineConfig) -> np.ndarray:
 
 
 def dacg(maps, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
-    """Distribution-Aware Confidence Gating (spec §3.3).
+    """Distribution-Aware Confidence Gating (METHOD.md §3.3).
 
     High set H = {F > zeta} is kept; the low set L gets the 3x3 Gaussian (sigma cfg.dacg_sigma,
     reflect-101 borders, convolution over the full map) in `spatial` mode. In
@@ -431,7 +431,7 @@ def dacg(maps, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
     return _dacg(as_map_batch(maps), cfg).astype(_out_dtype(maps), copy=False)
 
 
-# ----------------------------------------------------------------------------- CBA (§3.4)
+# ----------------------------------------------------------------------------- CBA (METHOD.md §3.4)
 
 def _cba_tau(flat: np.ndarray, cfg: RefineConfig) -> np.ndarray:
     if flat.shape[1] == 0:
@@ -448,7 +448,7 @@ def _cba_tau(flat: np.ndarray, cfg: RefineConfig) -> np.ndarray:
 
 
 def cba_tau(maps, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
-    """Per-map background threshold tau (N,) (spec §3.4).
+    """Per-map background threshold tau (N,) (METHOD.md §3.4).
 
     tau = 0.15*P50(E>0) + 0.15*P60(E) + 0.20*mean(E>0) + 0.015*max(E); no E > 0 -> 1e-6.
     P60 is over all pixels (zeros included), the other two over non-zero pixels only.
@@ -467,7 +467,7 @@ def _cba(x: np.ndarray, cfg: RefineConfig) -> np.ndarray:
 
 
 def cba(maps, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
-    """Contextual Background Attenuation, closed form (spec §3.4).
+    """Contextual Background Attenuation, closed form (METHOD.md §3.4).
 
     On background B = {E < tau}: E <- E * clip(E/tau, floor, 1); foreground unchanged.
     The reference also multiplies s by 0.3 where E < 0.2*tau, but those pixels have s < 0.2,
@@ -476,7 +476,7 @@ def cba(maps, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
     return _cba(as_map_batch(maps), cfg).astype(_out_dtype(maps), copy=False)
 
 
-# ----------------------------------------------------------------------------- §3.5
+# ----------------------------------------------------------------------------- METHOD.md §3.5
 
 def _clip_normalise(x: np.ndarray, raw_max: np.ndarray, eps: float) -> np.ndarray:
     if x.size == 0:
@@ -489,7 +489,7 @@ def _clip_normalise(x: np.ndarray, raw_max: np.ndarray, eps: float) -> np.ndarra
 
 
 def clip_and_normalise(maps, raw_max, eps: float = 1e-8) -> np.ndarray:
-    """Post-CBA normalisation (spec §3.5): clip to [0, max(M_raw)] then, where max > min,
+    """Post-CBA normalisation (METHOD.md §3.5): clip to [0, max(M_raw)] then, where max > min,
     (E - min) / (max - min + eps). Maps with max == min are left as clipped.
     raw_max: (N,) max of each raw input map. (The reference's unused skewness is dropped.)
     """
@@ -498,7 +498,7 @@ def clip_and_normalise(maps, raw_max, eps: float = 1e-8) -> np.ndarray:
     return _clip_normalise(x, hi, eps).astype(_out_dtype(maps), copy=False)
 
 
-# ----------------------------------------------------------------------------- SICD (§3.6)
+# ----------------------------------------------------------------------------- SICD (METHOD.md §3.6)
 
 def _token_matrix(token_ids, n_maps: int) -> np.ndarray:
     """(N, T) int64 matrix of token ids; short rows are filled with unique negative sentinels."""
@@ -522,7 +522,7 @@ def _token_matrix(token_ids, n_maps: int) -> np.ndarray:
 
 def repeat_ratio(token_ids, n_maps: int, mode: str = "clean", eos_id: int | None = None,
                  pad_id: int | None = None, function_word_ids=None) -> np.ndarray:
-    """rho = |R| / |T| per map (spec §3.6), R = distinct ids occurring more than once in T.
+    """rho = |R| / |T| per map (METHOD.md §3.6), R = distinct ids occurring more than once in T.
 
     token_ids: an (N, T) int array or N sequences of ids (lengths may differ).
     mode 'parity': T = the raw canvas ids as given, EOS/padding included (reference).
@@ -578,7 +578,7 @@ def _sicd(x: np.ndarray, rho: np.ndarray, cfg: RefineConfig) -> np.ndarray:
 
 
 def sicd(maps, rho, cfg: RefineConfig = RefineConfig()) -> np.ndarray:
-    """Single-Instance Causal Debiasing (spec §3.6) given the repeat ratio rho (N,).
+    """Single-Instance Causal Debiasing (METHOD.md §3.6) given the repeat ratio rho (N,).
 
     I = 0.05*rho (if rho > 0) + 0.02*[H > mean + 2 std]; max I == 0 -> H unchanged;
     alpha = min(<H,I>/<I,I>, 0.5) (the reference's Brent search finds the same minimiser);
@@ -596,15 +596,15 @@ def sicd_from_tokens(maps, token_ids, cfg: RefineConfig = RefineConfig()) -> np.
     return sicd(maps, rho, cfg)
 
 
-# ----------------------------------------------------------------------------- wrapper (§3.1)
+# ----------------------------------------------------------------------------- wrapper (METHOD.md §3.1)
 
 def refine_batch(maps, cfg: RefineConfig = RefineConfig(), token_ids=None) -> np.ndarray:
     """Apply the enabled modules in the order AKD -> DACG -> CBA -> clip/min-max -> SICD.
 
-    maps: (N, h, w) raw maps, normally min-max normalised to [0, 1] (spec §2.7); the DACG regime
+    maps: (N, h, w) raw maps, normally min-max normalised to [0, 1] (METHOD.md §2.10); the DACG regime
     thresholds assume that scale. token_ids: one id sequence per map (see repeat_ratio),
     required when SICD is on. With every module off ('none') the input is returned unchanged
-    (as float32); otherwise the §3.5 clip/min-max always runs, as in the reference.
+    (as float32); otherwise the METHOD.md §3.5 clip/min-max always runs, as in the reference.
     Returns float32 (N, h, w). Unlike the reference, nothing is caught and nothing falls back
     to the raw map: NaN/Inf input or a failing step raises.
     """

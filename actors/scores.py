@@ -1,6 +1,6 @@
-"""Localisation scores for activation maps (spec §5): pure numpy over maps and id masks.
+"""Localisation scores for activation maps (METHOD.md §5): pure numpy over maps and id masks.
 
-Conventions (spec §5.1): a token-grid map H in [0, 1] is upsampled bilinearly
+Conventions (METHOD.md §5.1): a token-grid map H in [0, 1] is upsampled bilinearly
 (align_corners=False, the cv2.resize / torch convention) to the mask size, converted to uint8 as
 floor(255 * H) and binarised with Otsu's threshold (pixels > t are foreground). Masks are
 integer id images: 0 = background, k > 0 = object k.
@@ -33,7 +33,7 @@ FLT_EPSILON = float(np.finfo(np.float32).eps)  # OpenCV's class-weight guard in 
 _CHUNK_ELEMENTS = 2_000_000  # maps x mask pixels per chunk in score_maps
 
 
-# ----------------------------------------------------------------------------- §5.1
+# ----------------------------------------------------------------------------- METHOD.md §5.1
 
 def _validated_maps(maps, ndim: int) -> np.ndarray:
     x = np.asarray(maps, dtype=np.float64)
@@ -77,7 +77,7 @@ def to_uint8(maps) -> np.ndarray:
 
 
 def otsu_thresholds(u8) -> np.ndarray:
-    """Otsu levels of a batch of uint8 images (N, ...) -> (N,) int64 (spec §5.1).
+    """Otsu levels of a batch of uint8 images (N, ...) -> (N,) int64 (METHOD.md §5.1).
 
     Equals OpenCV's THRESH_OTSU on uint8 data: the level t maximising the between-class variance
     q1 q2 (mu1 - mu2)^2 of the classes {<= t} and {> t}, skipping levels where a class weight
@@ -126,7 +126,7 @@ def otsu_level_of_map(map_hw, out_hw: tuple[int, int]) -> int:
     return otsu_binarise(upsample_map(_validated_maps(map_hw, 2), out_hw))[1]
 
 
-# ----------------------------------------------------------------------------- §5.2-5.3
+# ----------------------------------------------------------------------------- METHOD.md §5.2-5.3
 
 def precision_recall(pred, gt) -> tuple[float, float]:
     """Pixel precision |P & G| / |P| (0 if P is empty) and recall |P & G| / |G| (NaN if G is
@@ -138,7 +138,7 @@ def precision_recall(pred, gt) -> tuple[float, float]:
 
 
 def detection_f1(precision: float, recall: float) -> float:
-    """2PR / (P + R), or 0 if either is 0 (spec §5.3); NaN propagates."""
+    """2PR / (P + R), or 0 if either is 0 (METHOD.md §5.3); NaN propagates."""
     if np.isnan(precision) or np.isnan(recall):
         return float("nan")
     if precision <= 0 or recall <= 0:
@@ -154,7 +154,7 @@ def iou(pred, gt) -> float:
 
 
 def obj_iou(pred, mask_ids, object_id) -> float:
-    """Class-specific Obj-IoU (TAM style, spec §5.2): IoU of P with mask == object_id.
+    """Class-specific Obj-IoU (TAM style, METHOD.md §5.2): IoU of P with mask == object_id.
     NaN if the object id is missing, <= 0 or absent from the mask."""
     mask_ids = np.asarray(mask_ids)
     if object_id is None or object_id <= 0 or not np.any(mask_ids == object_id):
@@ -163,7 +163,7 @@ def obj_iou(pred, mask_ids, object_id) -> float:
 
 
 def obj_iou_bestclass(pred, mask_ids) -> tuple[float, float, float]:
-    """Reference Obj-IoU (spec §5.2, parity): max over present classes c > 0 of IoU(P, G == c),
+    """Reference Obj-IoU (METHOD.md §5.2, parity): max over present classes c > 0 of IoU(P, G == c),
     with precision and recall at the argmax class (first on ties). NaN if no object."""
     mask_ids = np.asarray(mask_ids)
     best = (float("nan"), float("nan"), float("nan"))
@@ -174,10 +174,10 @@ def obj_iou_bestclass(pred, mask_ids) -> tuple[float, float, float]:
     return best
 
 
-# ----------------------------------------------------------------------------- §5.5-5.7
+# ----------------------------------------------------------------------------- METHOD.md §5.5-5.7
 
 def contrast_ratio(map_up, mask_ids) -> float:
-    """mean(H on all objects) / (mean(H on background) + 1e-8) (spec §5.5); NaN when the mask
+    """mean(H on all objects) / (mean(H on background) + 1e-8) (METHOD.md §5.5); NaN when the mask
     has no object pixel or no background pixel."""
     h, fg = np.asarray(map_up, np.float64), np.asarray(mask_ids) > 0
     if not fg.any() or fg.all():
@@ -186,12 +186,12 @@ def contrast_ratio(map_up, mask_ids) -> float:
 
 
 def capped_contrast(contrast, cap: float = CONTRAST_CAP):
-    """min(C / 20, 1) (spec §5.5); NaN propagates."""
+    """min(C / 20, 1) (METHOD.md §5.5); NaN propagates."""
     return np.minimum(np.asarray(contrast, dtype=np.float64) / cap, 1.0)
 
 
 def concentration(map_up, mask_ids) -> float:
-    """Share of map mass on annotated objects: sum_FG H / (sum H + 1e-8) (spec §5.6); NaN when
+    """Share of map mass on annotated objects: sum_FG H / (sum H + 1e-8) (METHOD.md §5.6); NaN when
     the mask has no object pixel."""
     h, fg = np.asarray(map_up, np.float64), np.asarray(mask_ids) > 0
     if not fg.any():
@@ -200,7 +200,7 @@ def concentration(map_up, mask_ids) -> float:
 
 
 def f3_harmonic(obj_iou_v, contrast_capped_v, conc_v):
-    """3 / (1/IoU + 1/C~ + 1/Conc) if all three are > 0, else 0; NaN if any is NaN (§5.7)."""
+    """3 / (1/IoU + 1/C~ + 1/Conc) if all three are > 0, else 0; NaN if any is NaN (METHOD.md §5.7)."""
     a, b, c = (np.asarray(v, dtype=np.float64) for v in (obj_iou_v, contrast_capped_v, conc_v))
     pos = (a > 0) & (b > 0) & (c > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -210,7 +210,7 @@ def f3_harmonic(obj_iou_v, contrast_capped_v, conc_v):
 
 
 def f3_geometric(obj_iou_v, contrast_capped_v, conc_v):
-    """(IoU * C~ * Conc)^(1/3) if all three are > 0, else 0; NaN if any is NaN (§5.7)."""
+    """(IoU * C~ * Conc)^(1/3) if all three are > 0, else 0; NaN if any is NaN (METHOD.md §5.7)."""
     a, b, c = (np.asarray(v, dtype=np.float64) for v in (obj_iou_v, contrast_capped_v, conc_v))
     pos = (a > 0) & (b > 0) & (c > 0)
     out = np.where(pos, np.cbrt(np.where(pos, a * b * c, 0.0)), 0.0)
@@ -218,7 +218,7 @@ def f3_geometric(obj_iou_v, contrast_capped_v, conc_v):
 
 
 def f3_table(mean_obj_iou, mean_contrast, mean_conc):
-    """The paper tables' F3 (spec §5.7): harmonic mean of the dataset means
+    """The paper tables' F3 (METHOD.md §5.7): harmonic mean of the dataset means
     (mean Obj-IoU, min(mean contrast / 20, 1), mean concentration), fractions in [0, 1].
     Not the mean of per-image F3."""
     return f3_harmonic(mean_obj_iou, capped_contrast(mean_contrast), mean_conc)
@@ -267,7 +267,7 @@ def wrong_object(map_up, mask_ids, object_id) -> float:
 
 
 def func_iou(map_grid, fg_thresh: float) -> float:
-    """TAM Func-IoU of one function-word map (spec §5.4): fraction of its token-grid pixels,
+    """TAM Func-IoU of one function-word map (METHOD.md §5.4): fraction of its token-grid pixels,
     on the uint8 scale floor(255 H), strictly below fg_thresh (the mean Otsu level of the
     noun maps, see otsu_level_of_map)."""
     return float((to_uint8(_validated_maps(map_grid, 2)) < fg_thresh).mean())
@@ -398,7 +398,7 @@ def score_maps(maps, mask_ids, object_ids, grid_cell_px: float | None = None) ->
 
 
 def score_map(map_hw, mask_ids, object_id, grid_cell_px: float | None = None) -> dict:
-    """All per-row scores (dict of SCORE_KEYS -> float) of one token-grid map (spec §5).
+    """All per-row scores (dict of SCORE_KEYS -> float) of one token-grid map (METHOD.md §5).
 
     map_hw: (h, w) map in [0, 1] at token-grid resolution, upsampled here to the mask size;
     mask_ids: (H, W) integer id mask (0 = background) or None; object_id: id of the explained

@@ -1,4 +1,4 @@
-"""Benchmark: vectorised refinement (actors.refine) vs the per-pixel loop twin (spec §3, §6.16).
+"""Benchmark: vectorised refinement (actors.refine) vs the per-pixel loop twin (METHOD.md §3, §8.4).
 
 `run_bench_refine` times `refine_batch` with every module on, once with DACG in `spatial` and
 once in `reference_identity` mode, against `refine_loop.refine_batch_loop` on the same
@@ -18,7 +18,7 @@ from dcam.pipeline.console import emit
 
 def make_bench_maps(n_maps: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     """(n, h, w) float32 maps in [0, 1]: 1-3 Gaussian blobs plus |noise|, min-max normalised
-    like a raw CAM (spec §2.7)."""
+    like a raw CAM (METHOD.md §2.10)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     maps = np.abs(rng.normal(0.0, 0.05, size=(n_maps, h, w)))

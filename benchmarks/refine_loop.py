@@ -1,4 +1,4 @@
-"""Plain per-pixel Python-loop implementations of the refinement maths (spec §3).
+"""Plain per-pixel Python-loop implementations of the refinement maths (METHOD.md §3).
 
 These are the slow, obviously-correct twins of `actors.refine`: one map at a time, one pixel at
 a time, numpy only for per-window sorting and per-map percentiles. They exist to check the
@@ -26,7 +26,7 @@ def reflect101(i: int, n: int) -> int:
 
 
 def rgf_loop(m: np.ndarray, k: int) -> np.ndarray:
-    """Rank Gaussian filter of one (h, w) map, one pixel at a time (spec §3.2).
+    """Rank Gaussian filter of one (h, w) map, one pixel at a time (METHOD.md §3.2).
 
     Float operations are in the same order as refine._rgf_chunk (window raster order for the
     sums, the same exp recurrence for the weights), so the results are bit-identical.
@@ -154,7 +154,7 @@ def cba_tau_loop(m: np.ndarray, cfg: RefineConfig) -> float:
 
 def cba_branchy(m: np.ndarray, cfg: RefineConfig, dead_frac: float = 0.2,
                 dead_mult: float = 0.3) -> np.ndarray:
-    """The reference's CBA, branch for branch, including the dead x0.3 branch (spec §3.4)."""
+    """The reference's CBA, branch for branch, including the dead x0.3 branch (METHOD.md §3.4)."""
     tau = cba_tau_loop(m, cfg)
     out = m.astype(np.float64).copy()
     h, w = m.shape

@@ -1,4 +1,4 @@
-"""The score whose gradient is explained (METHOD.md §2.3): the target's logit contrasted against
+"""The score whose gradient is explained (METHOD.md §2.7): the target's logit contrasted against
 its competitors, per attribution row."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def target_scores(backend: Backend, logits: torch.Tensor, targets: list[Target],
         return z.max(-1).values
     if contrast == "logprob":
         return z.log_softmax(-1)[n, y]
-    if contrast == "parity_fullvocab":  # class-agnostic full-vocabulary sum (reference §2.5)
+    if contrast == "parity_fullvocab":  # class-agnostic full-vocabulary sum (METHOD.md §2.7)
         return z.sum(-1)
     if contrast.startswith("word:"):
         other = backend_token_id(backend, contrast.split(":", 1)[1])

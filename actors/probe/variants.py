@@ -1,4 +1,4 @@
-"""Map variants: how a token-grid map is formed (METHOD.md §2.4, §4).
+"""Map variants: how a token-grid map is formed (METHOD.md §2.9, §4).
 
 pytorch-grad-cam's split: `attribution.GradientVariant` owns the hook and the gradient pass;
 each gradient variant here only says how the map is formed from the hooked activations A and
@@ -15,7 +15,7 @@ from dcam.actors.probe.tam import Tam
 
 
 class PaperCam(GradientVariant):
-    """The paper's literal formula (spec §2.7): alpha_d = spatial mean of ReLU(G); map = channel
+    """The paper's literal formula (METHOD.md §2.9): alpha_d = spatial mean of ReLU(G); map = channel
     mean of ReLU(alpha_d * A). Since alpha >= 0, ReLU(alpha*A) = alpha*ReLU(A): one einsum, no
     per-channel loop. On a pre-norm residual stream this localises poorly (LayerNorm scale
     invariance makes G orthogonal to A); measured in `dcam eval-cam`."""
@@ -27,7 +27,7 @@ class PaperCam(GradientVariant):
 
 
 class GradCamReference(GradientVariant):
-    """The authors' Grad-CAM baseline (spec §4.1): unclamped pooled gradient, per-channel ReLU,
+    """The authors' Grad-CAM baseline (METHOD.md §4.1): unclamped pooled gradient, per-channel ReLU,
     channel mean."""
     name = "grad_cam"
 
@@ -53,7 +53,7 @@ class GradXAct(GradientVariant):
 
 
 class LlavaCam(GradientVariant):
-    """LLaVA-CAM (spec §4.2): ReLU(G) pooled, weighted channel mean, ReLU, divided by its max,
+    """LLaVA-CAM (METHOD.md §4.2): ReLU(G) pooled, weighted channel mean, ReLU, divided by its max,
     hard threshold 0.5."""
     name = "llava_cam"
     threshold = 0.5

@@ -1,4 +1,4 @@
-"""Refinement modules (spec §3) against the plain-loop twins and the spec §6 parity checks."""
+"""Refinement modules (METHOD.md §3) against the plain-loop twins and the METHOD.md §8.5 parity checks."""
 from __future__ import annotations
 
 import itertools
@@ -225,7 +225,7 @@ def test_parity_d_sicd_alpha_is_min_of_closed_form_and_cap():
     for h, i, a in zip(flat, interf, closed):
         brent = minimize_scalar(lambda s: float(((h - s * i) ** 2).sum())).x
         assert a == pytest.approx(brent, rel=1e-6)
-        assert a > 0.5  # the cap is always active on a normal map (spec §3.6)
+        assert a > 0.5  # the cap is always active on a normal map (METHOD.md §3.6)
     out = R.sicd(maps, rho, cfg)
     want = np.maximum(flat - np.minimum(closed, 0.5)[:, None] * interf, 0.0).reshape(maps.shape)
     np.testing.assert_allclose(out, want, atol=1e-15)

@@ -1,4 +1,4 @@
-"""Localisation scores (spec §5) against brute-force definitions and the reported tables."""
+"""Localisation scores (METHOD.md §5) against brute-force definitions and the reported tables."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +22,7 @@ def peaked_map(cell=(1, 1), h=6, w=6, seed=0):
     return m
 
 
-# ----------------------------------------------------------------------------- §5.1
+# ----------------------------------------------------------------------------- METHOD.md §5.1
 
 @pytest.mark.parametrize("src,dst", [((6, 6), (48, 48)), ((5, 7), (33, 20)), ((12, 9), (5, 4)),
                                      ((1, 3), (4, 9))])
@@ -75,7 +75,7 @@ def test_to_uint8_truncates():
                                   [0, 254, 255, 127, 255, 0])
 
 
-# ----------------------------------------------------------------------------- §5.2-5.3
+# ----------------------------------------------------------------------------- METHOD.md §5.2-5.3
 
 def test_iou_precision_recall_f1_by_hand():
     mask = np.zeros((4, 4), np.uint8)
@@ -110,7 +110,7 @@ def test_score_map_iou_uses_otsu_binarisation_of_upsampled_map():
     assert row["obj_iou"] > 0.3
 
 
-# ----------------------------------------------------------------------------- §5.5-5.7
+# ----------------------------------------------------------------------------- METHOD.md §5.5-5.7
 
 def test_contrast_and_concentration_match_definitions():
     mask = two_object_mask()
@@ -139,7 +139,7 @@ def test_f3_per_image_harmonic_and_geometric():
         S.f3_harmonic(row["obj_iou"], row["contrast_capped"], row["concentration"]))
 
 
-# (obj_iou %, contrast ratio, concentration %, reported F3 %) from spec §5.9
+# (obj_iou %, contrast ratio, concentration %, reported F3 %) from METHOD.md §5.7
 TABLE_ROWS = [
     (20.02, 2.18, 41.22, 18.08), (19.93, 2.04, 41.91, 17.43), (15.21, 2.51, 40.10, 17.61),
     (30.10, 2.58, 51.41, 23.04), (18.16, 1.41, 70.80, 14.22), (17.82, 1.48, 75.42, 14.67),
