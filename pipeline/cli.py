@@ -17,6 +17,8 @@ COMMANDS = {
     "eval-tiny": ("caption quality of the tiny model on fresh held-out scenes", "dcam.evals.eval_tiny:command"),
     "eval-cam": ("localisation and faithfulness table of every map method on held-out scenes",
                  "dcam.evals.eval_cam:command"),
+    "eval-grounding": ("which answer words depend on the image (image_reliance) on held-out scenes",
+                       "dcam.evals.eval_grounding:command"),
     "bench-refine": ("vectorised refinement vs a per-pixel Python loop", "dcam.benchmarks.bench_refine:command"),
     "bench-probe": ("batched probing vs a batch-1 loop", "dcam.benchmarks.bench_probe:command"),
     "bench": ("in-process loop vs Ray pipeline vs batch-1 loop throughput", "dcam.benchmarks.bench_pipeline:command"),

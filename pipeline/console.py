@@ -35,5 +35,7 @@ def format_table(labels: list[tuple[str, int]], columns: list[str], rows: list[d
 
 
 def _cell(v, width: int, digits: int) -> str:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return f"{int(v):{width}d}"
     f = finite_or_none(v) if isinstance(v, numbers.Real) else None
     return f"{'-':>{width}s}" if f is None else f"{f:{width}.{digits}f}"
