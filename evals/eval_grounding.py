@@ -32,6 +32,7 @@ from dcam.pipeline.console import emit, format_table, log
 
 CONTENT, FUNCTION = ("colour", "shape"), ("function",)
 CONDITIONS = ("model", "blank_image", "other_image", "untrained")
+SWEEP = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)  # thresholds at which the shares given without looking are reported
 
 
 def auroc(positive, negative) -> float:
@@ -53,15 +54,16 @@ def bootstrap_ci(values, resamples: int = 1000, seed: int = 0) -> tuple[float, f
     return float(lo), float(hi)
 
 
-def youden_threshold(positive, negative) -> float:
-    """The reliance threshold t maximising Youden's J = TPR - FPR for `positive >= t`. Where a
-    range of cuts reaches the maximum (well separated classes), the middle of that range: the
-    threshold farthest from both classes, not one that merely clears the negatives."""
+def youden_threshold(positive, negative, tolerance: float = 0.01) -> float:
+    """The reliance threshold t for `positive >= t` by Youden's J = TPR - FPR: the middle of the
+    range of cuts whose J is within `tolerance` of the best. With well separated classes a whole
+    range separates them; its middle is farthest from both, where the single best cut would sit
+    just above the negatives and move with one outlying positive."""
     values = np.unique(np.concatenate([positive, negative]))
     cuts = (values[1:] + values[:-1]) / 2 if len(values) > 1 else values
     pos, neg = np.asarray(positive), np.asarray(negative)
     j = np.array([(pos >= t).mean() - (neg >= t).mean() for t in cuts])
-    best = cuts[j >= j.max() - 1e-12]
+    best = cuts[j >= j.max() - tolerance]
     return float((best.min() + best.max()) / 2)
 
 
@@ -135,7 +137,10 @@ def summarise(words: list[dict], threshold: float, resamples: int, seed: int) ->
     content, function = np.isin(types, CONTENT), np.isin(types, FUNCTION)
     blind = np.array([w["blind_prob"] for w in words])
     gap = float(rel[content].mean() - rel[function].mean()) if content.any() and function.any() else None
-    return dict(words=len(words), by_type=by_type, separation=gap, auroc_reliance=auroc(rel[content], rel[function]),
+    sweep = {f"{t:g}": dict(content=float((rel[content] < t).mean()) if content.any() else None,
+                            function=float((rel[function] < t).mean()) if function.any() else None)
+             for t in SWEEP}
+    return dict(words=len(words), by_type=by_type, separation=gap, given_without_looking_at=sweep, auroc_reliance=auroc(rel[content], rel[function]),
                 auroc_blind_prob=auroc(-blind[content], -blind[function]),
                 content_given_without_looking=float((rel[content] < threshold).mean()) if content.any() else None)
 

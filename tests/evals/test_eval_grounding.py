@@ -19,6 +19,9 @@ def test_youden_threshold_is_the_middle_of_the_separating_range():
     assert youden_threshold(np.array([0.6, 0.9]), np.array([0.0, 0.1])) == pytest.approx(0.35)
     t = youden_threshold(np.array([0.2, 0.4, 0.9]), np.array([0.1, 0.3]))  # overlapping classes
     assert 0.1 < t < 0.4
+    # one outlying positive among 200 does not pull the threshold down to the negatives
+    pos = np.r_[np.linspace(0.6, 0.9, 199), 0.02]
+    assert youden_threshold(pos, np.zeros(100)) == pytest.approx((0.0 + 0.6) / 2, abs=0.01)
 
 
 @pytest.mark.slow
