@@ -190,3 +190,13 @@ def _wait(cond, message, timeout=60.0):
     while not cond():
         assert time.monotonic() < deadline, message
         time.sleep(0.02)
+
+
+def test_dcam_run_refuses_a_held_output_with_exit_4_and_one_line(tmp_path, capsys):
+    from dcam.pipeline.cli import main
+
+    holder = _lease(RunDir(str(tmp_path / "out"), {})).acquire()
+    code = main(["run", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1 and err[0].startswith("dcam run: output ") and holder.run_id in err[0], err
+    holder.release()
