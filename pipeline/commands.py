@@ -22,9 +22,18 @@ def synth(args) -> int:
 
 def run(args) -> int:
     from dcam.pipeline.job import run_job
+    from dcam.pipeline.layout import OverlapError
+    from dcam.pipeline.lease import EXIT_OUTPUT_BUSY, LeaseHeldError, LeaseLostError
 
     cfg = load_config("run", args.overrides)
-    summary = run_job(cfg, log=log)
+    try:
+        summary = run_job(cfg, log=log)
+    except (LeaseHeldError, LeaseLostError) as e:
+        log(f"dcam run: {e}")
+        return EXIT_OUTPUT_BUSY
+    except OverlapError as e:
+        log(f"dcam run: {e}")
+        return 2
     if args.json:
         print(json.dumps(summary, default=float))
     return int(summary.get("exit_code", 0))

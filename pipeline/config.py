@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from dcam.conf import conf_path
 
 GROUPS = ("model",)
-NOT_HASHED = ("input", "output", "ray", "actors", "storage", "report", "testing", "progress")
+NOT_HASHED = ("input", "output", "ray", "actors", "storage", "report", "testing", "progress", "lease")
 
 
 def load_config(command: str, overrides: list[str] | None = None) -> DictConfig:

@@ -7,21 +7,29 @@ each shard as soon as all its rows are written. Resume and exactly-once: pipelin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from dcam.pipeline import stages
+from dcam.pipeline.compaction import ShardIncompleteError, compact, parts_of
 from dcam.pipeline.config import config_hash, to_dict
-from dcam.pipeline.manifest import SUCCESS, RunDir, compact, load_or_create_manifest, parts_of, reconcile
+from dcam.pipeline.layout import SUCCESS, RunDir, check_disjoint, synth_input_url
+from dcam.pipeline.lease import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, OutputLease
+from dcam.pipeline.manifest import load_or_create_manifest, reconcile, refuse_input_inside_run
 from dcam.pipeline.sources import list_shards
 
 
 class JobIncompleteError(RuntimeError):
-    """Shards are still pending after the execution (their rows were not all written)."""
+    """Shards are still pending after the execution, or final files do not hold exactly the
+    manifest's input rows: no _SUCCESS."""
 
 
 class DriverInterrupted(RuntimeError):
@@ -126,8 +134,9 @@ def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
                                          shard_keys={e.url: e.shard_key for e in pending}))
 
 
-def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
-    """Run the streaming execution; compact shards as they complete. Returns counts."""
+def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLease) -> dict:
+    """Run the streaming execution; compact shards as they complete. Returns counts. Stops with
+    LeaseLostError as soon as the output lease was found taken over."""
     import ray
 
     t_start = time.perf_counter()
@@ -155,8 +164,8 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
                 for k in filter(None, str(errs).split(",")):
                     counts["errors"][k] = counts["errors"].get(k, 0) + 1
                 if seen[shard] >= expected[shard]:  # every row written: compact now
-                    e = entries[shard]
-                    futures.append(pool.submit(lambda e=e: compact(run, e, cfg_hash, parts_of(run, e, cfg_hash))))
+                    futures.append(pool.submit(compact_shard, run, entries[shard], cfg_hash, lease, log))
+            lease.check()
             stop_after = (d.get("testing") or {}).get("stop_after_rows")
             if stop_after is not None and counts["inputs"] >= int(stop_after):
                 raise DriverInterrupted(f"testing.stop_after_rows={stop_after}: simulated driver loss")
@@ -175,13 +184,17 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
     return counts
 
 
-def run_job(cfg, log=print) -> dict:
-    from dcam.pipeline.report.summary import finish_run
+def compact_shard(run: RunDir, entry, cfg_hash: str, lease: OutputLease, log) -> None:
+    """Compact a shard whose rows all came back, fenced by the lease. Parts that are not all there
+    (deleted under this driver) leave the shard to the final reconcile, which redoes or fails it."""
+    try:
+        compact(run, entry, cfg_hash, parts_of(run, entry, cfg_hash), fence=lease.fence)
+    except ShardIncompleteError as e:
+        log(f"WARNING: {e}; left to the final reconciliation")
 
-    d = to_dict(cfg)
-    h = config_hash(cfg)
-    so = d.get("storage") or {}
 
+def preflight_model(d: dict, so: dict) -> None:
+    """Refuse a checkpoint that cannot load (or declares remote code) before anything starts."""
     source = d["model"].get("source")
     if source is None and d["model"].get("backend", "tiny") == "tiny":
         from dcam.actors.models.tiny_backend import SHIPPED_WEIGHTS
@@ -196,30 +209,74 @@ def run_job(cfg, log=print) -> dict:
 
     preflight(source, bool(d["model"].get("trust_remote_code", False)), d["model"].get("storage_options"),
               allowed_schemes=tuple(so.get("allowed_schemes") or ALLOWED_SCHEMES))
+
+
+def run_job(cfg, log=print) -> dict:
+    """The whole audit: refuse overlapping input/output, take the output lease, (synthesise,) list,
+    reconcile, execute the pending shards, verify the accounting, _SUCCESS, summary and report."""
+    d = to_dict(cfg)
+    h = config_hash(cfg)
+    so = d.get("storage") or {}
+    preflight_model(d, so)
     run = RunDir(d["output"], so)
-    input_url = d["input"] or synthesise_default(run, d, log)
-    shards = list_shards(input_url, d["format"], so)
-    entries = load_or_create_manifest(run, h, input_url, shards, d["source"], log)
-    complete, pending = reconcile(run, entries, h, log)
-    log(f"run {run.url} (config {h}): {len(entries)} shards, {len(complete)} already complete, {len(pending)} to process")
-    counts = execute(pending, run, d, h, log) if pending else dict(inputs=0, ok=0, errors={}, seconds=0.0)
-    complete, still = reconcile(run, entries, h, log)
-    if still:
-        raise JobIncompleteError(f"{len(still)} shards still incomplete after the run: {[e.url for e in still][:5]}")
-    run.write_text(SUCCESS, json.dumps(dict(config_hash=h, shards=len(entries))))
-    return finish_run(run, d, h, counts, log)
+    input_url = d["input"] or synth_input_url(run.url)
+    check_disjoint(input_url, run.url, so)
+    lc = d.get("lease") or {}
+    lease = OutputLease(run, ttl_s=lc.get("ttl_s", DEFAULT_TTL_S), heartbeat_s=lc.get("heartbeat_s", DEFAULT_HEARTBEAT_S),
+                        log=log)
+    with sigterm_raises_exit(), lease:
+        refuse_input_inside_run(run)
+        if not d["input"]:
+            synthesise_default(input_url, d, log)
+        entries = load_or_create_manifest(run, h, input_url, list_shards(input_url, d["format"], so), d["source"], log)
+        rec = reconcile(run, entries, h, log, fence=lease.fence)
+        if rec.pending and run.exists(SUCCESS):
+            run.fs.rm(run.path(SUCCESS))  # a final file failed verification: the run is not complete any more
+        log(f"run {run.url} (config {h}, lease {lease.run_id}): {len(entries)} shards, {len(rec.complete)} already "
+            f"complete, {len(rec.pending)} to process")
+        counts = execute(rec.pending, run, d, h, log, lease) if rec.pending else dict(inputs=0, ok=0, errors={})
+        rec = reconcile(run, entries, h, log, fence=lease.fence)
+        if rec.pending or not rec.accounting.exact:
+            raise JobIncompleteError(f"{len(rec.pending)} shards still incomplete after the run "
+                                     f"({rec.accounting.describe()}): {[e.url for e in rec.pending][:5]}")
+        return complete_run(run, d, h, counts, rec.accounting, lease, log)
 
 
-def synthesise_default(run: RunDir, d: dict, log) -> str:
-    """The no-argument run: a fresh held-out corpus written once into <output>/input."""
+def complete_run(run: RunDir, d: dict, h: str, counts: dict, accounting, lease: OutputLease, log) -> dict:
+    """Cross-check the results against the accounting, write _SUCCESS (fenced), then summary and report."""
+    from dcam.pipeline.report.summary import finish_run, results_summary
+
+    s = results_summary(run, h, counts, accounting)
+    lease.fence("writing _SUCCESS")
+    run.write_text(SUCCESS, json.dumps(dict(config_hash=h, shards=len(accounting.expected), lease=lease.run_id,
+                                            **{k: accounting.to_dict()[k] for k in ("expected_inputs", "present_inputs")})))
+    return finish_run(run, d, s, log)
+
+
+@contextlib.contextmanager
+def sigterm_raises_exit():
+    """SIGTERM (pod deletion, `ray job stop`) raises SystemExit, so the lease is released on the
+    way out (Ray installs the same handler once ray.init ran). Only the main thread may do this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def synthesise_default(url: str, d: dict, log) -> None:
+    """The no-argument run: a fresh held-out corpus written once into <output>-input, beside the
+    run directory (input and output never overlap)."""
     from dcam.actors import scenes
     from dcam.pipeline.synth import write_corpus
 
     s = d["synth"]
-    url = f"{run.url.rstrip('/')}/input"
-    if not run.exists("input", "_SYNTH_DONE"):  # (re)written whole: generation is byte-deterministic
+    corpus = RunDir(url, d.get("storage") or {})
+    if not corpus.exists("_SYNTH_DONE"):  # (re)written whole: generation is byte-deterministic
         log(f"synthesising {s['n']} held-out scenes (seed {s['seed']}) into {url}")
         write_corpus(url, int(s["n"]), int(s["seed"]), int(s["shard_size"]), scenes.SceneConfig(),
                      d.get("storage") or {}, with_response=bool(s.get("with_response", False)))
-        run.write_text("input/_SYNTH_DONE", json.dumps(s))
-    return url
+        corpus.write_text("_SYNTH_DONE", json.dumps(s))

@@ -1,10 +1,13 @@
-"""Exactly-once resume: the run manifest, per-shard reconciliation, and compaction.
+"""Exactly-once resume: the run manifest, per-shard reconciliation and the accounting.
 
 The run directory holds manifest.json: the config hash and every input shard with its row
-count. A shard is complete when results/<shard_key>.<hash>.parquet exists (written only by
-compaction, after every input row of the shard was accounted for). On a rerun, shards with
-part files but no final file are either compacted (all rows present) or deleted (partial) and
-processed again, in one streaming execution. `_SUCCESS` is written when all shards are complete.
+count. A shard is complete when results/<shard_key>.<hash>.parquet exists and holds every one of
+the shard's input rows (each row_index ok or error; written only by compaction,
+pipeline/compaction.py). On a rerun, final files are verified against the manifest (a short one
+is moved to _staging/rejected/ and its shard processed again), shards with part files but no
+final file are either compacted (all rows present) or their parts deleted (partial), and only
+pending shards are processed, in one streaming execution. `_SUCCESS` is written only when the
+accounting is exact: every shard's final file holds exactly its input rows.
 """
 from __future__ import annotations
 
@@ -13,18 +16,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from dcam.actors.schema import DEDUP_KEY
+from dcam.pipeline.compaction import compact, final_input_rows, input_rows, parts_of
+from dcam.pipeline.layout import (
+    MANIFEST,
+    OLD_PARTS,
+    PARTS,
+    REJECTED,
+    RESULTS,
+    SUCCESS,
+    TMP,
+    OverlapError,
+    RunDir,
+    check_disjoint,
+)
 from dcam.pipeline.sinks import final_name
 from dcam.pipeline.sources import ShardSpec, count_rows
-from dcam.pipeline.storage import open_fs, with_retries
 
-MANIFEST = "manifest.json"
-SUCCESS = "_SUCCESS"
+__all__ = ["MANIFEST", "SUCCESS", "Accounting", "RunConflictError", "RunDir", "ShardEntry", "load_or_create_manifest",
+           "reconcile"]
 
 
 class RunConflictError(RuntimeError):
@@ -43,35 +52,20 @@ class ShardEntry:
         return ShardSpec(self.url, self.format, self.shard_key)
 
 
-@dataclass
-class RunDir:
-    """Paths of a run directory on its filesystem."""
-    url: str
-    storage_options: dict = field(repr=False)  # may hold credentials
-
-    def __post_init__(self):
-        self.fs, self.root = open_fs(self.url, self.storage_options)
-        self.root = self.root.rstrip("/")
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
-
-    def write_text(self, rel: str, text: str) -> None:
-        p = self.path(rel)
-        self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        with_retries(lambda: self.fs.pipe_file(p, text.encode()))
-
-    def read_text(self, rel: str) -> str:
-        return self.fs.cat_file(self.path(rel)).decode()
-
-    def ls(self, rel: str) -> list[str]:
-        p = self.path(rel)
-        if not self.fs.exists(p):
-            return []
-        return sorted(f for f in self.fs.ls(p, detail=False))
+def refuse_input_inside_run(run: RunDir) -> None:
+    """A run directory whose manifest names an input inside it (the no-argument layout before
+    issue 18 kept its corpus in <output>/input) is refused before anything else happens."""
+    if not run.exists(MANIFEST):
+        return
+    recorded = json.loads(run.read_text(MANIFEST)).get("input")
+    try:
+        if recorded:
+            check_disjoint(str(recorded), run.url, run.storage_options)
+    except OverlapError:
+        raise RunConflictError(
+            f"{run.url} was written by an older dcam whose run kept its input inside the run directory ({recorded}); "
+            f"an input inside the output is refused now: delete {run.url} or choose another output (the no-argument "
+            "run now synthesises its input beside the run, in <output>-input)") from None
 
 
 def load_or_create_manifest(run: RunDir, config_hash: str, input_url: str, shards: list[ShardSpec],
@@ -98,68 +92,96 @@ def load_or_create_manifest(run: RunDir, config_hash: str, input_url: str, shard
     return entries
 
 
-def parts_of(run: RunDir, entry: ShardEntry, config_hash: str) -> list[str]:
-    prefix = f"{entry.shard_key}.{config_hash}."
-    return [p for p in run.ls("results/_parts") if p.rsplit("/", 1)[-1].startswith(prefix)]
 
 
-def distinct_rows(run: RunDir, parts: list[str]) -> int:
-    seen: set[int] = set()
-    for p in parts:
-        with run.fs.open(p, "rb") as f:
-            seen.update(pq.read_table(f, columns=["row_index"]).column(0).to_pylist())
-    return len(seen)
+@dataclass
+class Accounting:
+    """Input rows the manifest expects vs input rows present in final files, per shard."""
+    expected: dict[str, int] = field(default_factory=dict)  # shard URL -> manifest rows
+    present: dict[str, int] = field(default_factory=dict)  # shard URL -> rows in its verified final file
+
+    @property
+    def exact(self) -> bool:
+        return all(self.present.get(u) == n for u, n in self.expected.items())
+
+    def to_dict(self) -> dict:
+        short = [dict(shard=u, expected=n, present=self.present.get(u, 0)) for u, n in self.expected.items()
+                 if self.present.get(u) != n]
+        return dict(expected_inputs=sum(self.expected.values()), present_inputs=sum(self.present.values()),
+                    shards=len(self.expected), shards_complete=len(self.expected) - len(short), exact=self.exact,
+                    short_shards=short[:20])
+
+    def describe(self) -> str:
+        d = self.to_dict()
+        return (f"accounting: {d['present_inputs']} of {d['expected_inputs']} input rows in final files, "
+                f"{d['shards_complete']} of {d['shards']} shards complete")
 
 
-def compact(run: RunDir, entry: ShardEntry, config_hash: str, parts: list[str]) -> int:
-    """Merge a complete shard's parts into its final file (deduplicated); returns output rows."""
-    from dcam.pipeline.sinks import SCHEMA
-
-    tables = [SCHEMA.empty_table()]
-    for p in parts:
-        with run.fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f))
-    table = deduplicate(pa.concat_tables(tables))
-    final = run.path("results", final_name(entry.shard_key, config_hash))
-    tmp = final + ".tmp"
-    with run.fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    run.fs.mv(tmp, final)
-    for p in parts:
-        run.fs.rm(p)
-    return table.num_rows
+@dataclass
+class Reconciliation:
+    complete: list[ShardEntry]
+    pending: list[ShardEntry]
+    accounting: Accounting
 
 
-def deduplicate(table: pa.Table) -> pa.Table:
-    """Sort by (row_index, method, token_index, step) and keep the first row of each key."""
-    keys = [(k, "ascending") for k in DEDUP_KEY]
-    table = table.sort_by(keys)
-    cols = [pc.fill_null(table.column(k), -1 if k != "method" else "") for k in DEDUP_KEY]
-    arrays = [np.asarray(c.to_numpy(zero_copy_only=False)) for c in cols]
-    same = np.ones(max(0, table.num_rows - 1), dtype=bool)
-    for a in arrays:
-        same &= a[1:] == a[:-1]
-    keep = np.concatenate([[True], ~same]) if table.num_rows else np.zeros(0, bool)
-    return table.filter(pa.array(keep))
-
-
-def reconcile(run: RunDir, entries: list[ShardEntry], config_hash: str, log=print) -> tuple[list, list]:
-    """(complete, pending) shard entries; compacts complete-but-uncompacted shards and deletes
-    the parts of partial ones."""
+def reconcile(run: RunDir, entries: list[ShardEntry], config_hash: str, log=print, fence=None) -> Reconciliation:
+    """Verify final files, compact complete-but-uncompacted shards, delete the parts of partial
+    ones; returns which shards are complete, which pending, and the accounting."""
+    migrate_old_layout(run, log)
+    _remove_all(run, run.ls(TMP))  # a compaction that did not finish (this driver holds the lease)
+    acct = Accounting(expected={e.url: e.rows for e in entries})
+    with ThreadPoolExecutor(8) as pool:  # one column of every final file: parallel on object stores
+        present = dict(zip([e.url for e in entries], pool.map(lambda e: final_input_rows(run, e, config_hash), entries)))
     complete, pending = [], []
-    finals = {p.rsplit("/", 1)[-1] for p in run.ls("results")}
     for e in entries:
-        if final_name(e.shard_key, config_hash) in finals:
+        if present[e.url] is not None and present[e.url] != e.rows:
+            reject_final(run, e, config_hash, present[e.url], log)
+        elif present[e.url] is not None:
+            _remove_all(run, parts_of(run, e, config_hash))  # written again by a retried task after compaction
+            acct.present[e.url] = e.rows
             complete.append(e)
             continue
         parts = parts_of(run, e, config_hash)
-        if e.rows == 0 or (parts and distinct_rows(run, parts) == e.rows):
-            compact(run, e, config_hash, parts)
+        if e.rows == 0 or (parts and len(input_rows(run, parts) & set(range(e.rows))) == e.rows):
+            compact(run, e, config_hash, parts, fence)
+            acct.present[e.url] = e.rows
             complete.append(e)
         else:
             if parts:
                 log(f"shard {e.url}: partial output ({len(parts)} part files) deleted; it will be processed again")
-                for p in parts:
-                    run.fs.rm(p)
+                _remove_all(run, parts)
             pending.append(e)
-    return complete, pending
+    return Reconciliation(complete, pending, acct)
+
+
+def reject_final(run: RunDir, entry: ShardEntry, config_hash: str, present: int, log) -> None:
+    """A final file that does not hold exactly its shard's input rows: moved aside (kept for
+    inspection, out of results/) and the shard processed again."""
+    name = final_name(entry.shard_key, config_hash)
+    aside = run.path(REJECTED, f"{name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    log(f"WARNING: final file of shard {entry.url} holds {present} of its {entry.rows} input rows: moved to "
+        f"{aside}; the shard will be processed again")
+    run.fs.makedirs(run.path(REJECTED), exist_ok=True)
+    run.fs.mv(run.path(RESULTS, name), aside)
+
+
+def migrate_old_layout(run: RunDir, log) -> None:
+    """Runs written before issue 18 kept part files in results/_parts/ and temporary files in
+    results/: move the parts to _staging/parts/ (they are resumed as usual), drop the temporaries."""
+    old_parts = run.ls(OLD_PARTS)
+    stray_tmp = [p for p in run.ls(RESULTS) if p.endswith(".tmp")]
+    if not old_parts and not stray_tmp:
+        return
+    log(f"moving {len(old_parts)} part files of the previous layout from {OLD_PARTS}/ to {PARTS}/")
+    run.fs.makedirs(run.path(PARTS), exist_ok=True)
+    for p in old_parts:
+        run.fs.mv(p, run.path(PARTS, p.rsplit("/", 1)[-1]))
+    _remove_all(run, stray_tmp)
+    if run.fs.exists(run.path(OLD_PARTS)):
+        run.fs.rm(run.path(OLD_PARTS), recursive=True)
+
+
+def _remove_all(run: RunDir, paths: list[str]) -> None:
+    for p in paths:
+        if run.fs.exists(p):
+            run.fs.rm(p)

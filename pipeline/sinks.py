@@ -1,14 +1,14 @@
 """Portable Parquet output: plain Arrow types only (no Ray extension types), so results open with
 pyarrow, pandas, duckdb or Spark without Ray.
 
-Layout under the run directory (any fsspec URL):
-    results/<shard_key>.<config_hash>.parquet                 final, one file per input shard
-    results/_parts/<shard_key>.<config_hash>.<lo>-<hi>.parquet  written while the job runs
+Layout under the run directory (any fsspec URL; pipeline/layout.py):
+    results/<shard_key>.<config_hash>.parquet                    final, one file per input shard
+    _staging/parts/<shard_key>.<config_hash>.<lo>-<hi>.parquet   written while the job runs
 A part file holds every output row of the input rows lo..hi of one shard (an input row's rows
 are never split across files). When a shard is complete its parts are compacted into the final
-file, de-duplicated on (row_index, method, token_index, step): a retried block can never
-duplicate rows. Names depend only on the input shard, the rows and the config hash, so a rerun
-overwrites instead of adding.
+file (pipeline/compaction.py), de-duplicated on (row_index, method, token_index, step): a retried
+block can never duplicate rows. Names depend only on the input shard, the rows and the config
+hash, so a rerun overwrites instead of adding. results/ never holds anything but final files.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dcam.actors.schema import COLUMNS
+from dcam.pipeline.layout import PARTS
 
 ARROW_TYPES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
                "binary": pa.binary(), "list<float32>": pa.list_(pa.float32())}
@@ -73,7 +74,7 @@ class WriteStage:
         summary = {"shard": [], "inputs": [], "ok": [], "errors": []}
         for shard, idx in by_shard.items():
             rows = [int(batch["row_index"][i]) for i in idx]
-            path = f"{root}/results/_parts/{part_name(self.shard_keys[shard], self.config_hash, min(rows), max(rows))}"
+            path = f"{root}/{PARTS}/{part_name(self.shard_keys[shard], self.config_hash, min(rows), max(rows))}"
             table = records_table(_with_refine_ms(batch, idx))
             attempts, base = retry_settings(self.storage_options)
             with_retries(lambda: _write(fs, path, table), attempts, base, secrets=secrets_of(self.storage_options))

@@ -136,9 +136,24 @@ def run_info(run: RunDir) -> dict:
     return info
 
 
+def accounting(s: dict) -> dict:
+    """Input rows the manifest lists vs input rows present in the result files."""
+    expected = (s.get("manifest") or {}).get("total_rows")
+    return dict(expected_inputs=expected, present_inputs=s["inputs"], exact=expected == s["inputs"])
+
+
+def accounting_failure(s: dict) -> str | None:
+    """A run that claims _SUCCESS while its result files disagree with its manifest."""
+    a = s["accounting"]
+    if s["complete"] and a["expected_inputs"] is not None and not a["exact"]:
+        return (f"ACCOUNTING MISMATCH: {SUCCESS} is present but the result files hold {a['present_inputs']} of the "
+                f"{a['expected_inputs']} input rows the manifest lists")
+    return None
+
+
 def warnings_for(s: dict, scan: RunScan) -> list[str]:
     """Plain-language caveats shown on top of the report."""
-    w = []
+    w = [accounting_failure(s)] if accounting_failure(s) else []
     if not s["complete"]:
         w.append(f"{SUCCESS} is missing: the run has not finished; this report covers the {s['files']} result files "
                  "written so far.")
@@ -172,6 +187,7 @@ def summarise(run_url: str, storage_options: dict, info: dict, files: list[str],
              bootstrap=dict(resamples=opts["resamples"], seed=opts["seed"], kind="poisson (streaming)"))
     if drift is not None:
         s["drift"] = dict(baseline=s["baseline"], counts=drift.counts, table=drift.table())
+    s["accounting"] = accounting(s)
     s["warnings"] = warnings_for(s, scan)
     return s
 
@@ -233,6 +249,9 @@ def generate_report(run_url: str, storage_options: dict | None = None, out_dir: 
     fetched = _fetch(run, scan, drift)
     summary = summarise(run_url, storage_options, run_info(run), files, scan, drift, baseline_url, opts)
     summary["fail_under"] = gate(summary, fail_under or {})
+    if accounting_failure(summary):  # fails loudly, thresholds or not
+        summary["fail_under"] = {**summary["fail_under"], "passed": False,
+                                 "reasons": [accounting_failure(summary), *summary["fail_under"]["reasons"]]}
     ctx = Context(summary, scan, drift, fetched)
     body = [render_headline(ctx), render_label_free(ctx), render_breakdowns(ctx), render_histograms(ctx),
             render_galleries(ctx), render_steps(ctx), render_failures(ctx), render_drift(ctx)]
@@ -299,7 +318,7 @@ def main_report(args) -> int:
                            fail_under=thresholds, **opts)
     verdict = s["fail_under"]
     if getattr(args, "json", False):
-        keep = ("run", "report", "baseline", "complete", "inputs", "ok", "errors", "rows", "explained_rows", "headline")
+        keep = ("run", "report", "baseline", "complete", "accounting", "inputs", "ok", "errors", "rows", "explained_rows", "headline")
         out = {k: s.get(k) for k in keep}
         out["drift"] = (s.get("drift") or {}).get("table")
         out["fail_under"] = verdict

@@ -1,5 +1,12 @@
-"""End of a run: counts by status and reason, throughput, the localisation table (when masks
-exist), summary.json, then the report and the fail-under gate."""
+"""End of a run: counts by status and reason, the accounting (input rows the manifest expects vs
+present in final files), throughput, the localisation table (when masks exist), summary.json, then
+the report and the fail-under gate.
+
+summary.json keeps the audit's results apart from its report: `results_status` ("complete": every
+input row is in a final file and _SUCCESS is written) and `report_status` ("ok", "failed" with
+`report_error`, or "disabled"). A report that fails after complete results does not fail the
+audit as a whole: the job exits EXIT_REPORT_FAILED (3) and says so; the gate (exit 2) still runs
+on the results."""
 from __future__ import annotations
 
 import json
@@ -10,9 +17,17 @@ import pyarrow.dataset as pads
 from dcam.actors.numeric import finite_or_none, nanmean
 from dcam.actors.schema import TABLE_SCORES
 from dcam.pipeline.console import format_table
-from dcam.pipeline.manifest import RunDir
+from dcam.pipeline.layout import RunDir
 from dcam.pipeline.report.build import build_report
 from dcam.pipeline.report.gate import check_fail_under, parse_fail_under
+from dcam.pipeline.storage import describe_error, secrets_of
+
+EXIT_GATE_FAILED = 2
+EXIT_REPORT_FAILED = 3
+
+
+class AccountingError(RuntimeError):
+    """The final files' rows disagree with the manifest: the run is not complete, whatever it says."""
 
 
 def read_results(run: RunDir, columns: list[str]):
@@ -54,6 +69,10 @@ def status_counts(t) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [f"dcam run {s['run']}: {s['inputs']} input rows, {s['ok']} ok, {s['inputs'] - s['ok']} errors"]
+    if s.get("accounting"):
+        a = s["accounting"]
+        lines.append(f"  accounting: {a['present_inputs']} of {a['expected_inputs']} input rows (manifest) in final "
+                     f"files, {a['shards_complete']} of {a['shards']} shards complete")
     for k, n in sorted(s["errors"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  error {k:20s} {n}")
     if s.get("rows_per_s"):
@@ -64,20 +83,49 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def finish_run(run: RunDir, d: dict, cfg_hash: str, counts: dict, log) -> dict:
+def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting) -> dict:
+    """The results part of summary.json, cross-checked: every input row the manifest lists is
+    in the final files exactly once (ok or error), else AccountingError."""
     cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
     t = read_results(run, cols)
-    s = dict(run=run.url, config_hash=cfg_hash, **status_counts(t), table=localisation_table(t),
+    acct = accounting.to_dict()
+    s = dict(run=run.url, config_hash=cfg_hash, **status_counts(t), accounting=acct, table=localisation_table(t),
              seconds=counts.get("seconds", 0.0), timing=counts.get("timing", {}),
              rows_per_s=(counts["inputs"] / counts["seconds"]) if counts.get("seconds") else None)
+    if not acct["exact"] or s["inputs"] != acct["expected_inputs"]:
+        raise AccountingError(f"ACCOUNTING MISMATCH in {run.url}: the manifest lists {acct['expected_inputs']} input "
+                              f"rows, the final files hold {s['inputs']} ({acct['present_inputs']} verified per shard); "
+                              "no _SUCCESS written")
+    s["results_status"] = "complete"
+    return s
+
+
+def finish_run(run: RunDir, d: dict, s: dict, log) -> dict:
+    """summary.json, the report and the gate for complete results; sets s['exit_code']."""
+    s["report_status"] = "pending"
     run.write_text("summary.json", json.dumps(s, indent=1, default=float))
     log(format_summary(s))
     rep = d.get("report") or {}
-    if rep.get("enabled", True):
-        out = build_report(run.url, d.get("storage") or {}, log=log)
-        log(f"report: {out}")
+    s.update(report_step(run, d, log))
     reasons = check_fail_under(s["table"], parse_fail_under(rep.get("fail_under")))
-    s["exit_code"] = 2 if reasons else 0
     if reasons:
         log("FAIL-UNDER: " + "; ".join(reasons))
+    s["exit_code"] = EXIT_GATE_FAILED if reasons else EXIT_REPORT_FAILED if s["report_status"] == "failed" else 0
+    run.write_text("summary.json", json.dumps(s, indent=1, default=float))
     return s
+
+
+def report_step(run: RunDir, d: dict, log) -> dict:
+    """Build the report; a failure is reported and recorded, never raised: the results stand."""
+    if not (d.get("report") or {}).get("enabled", True):
+        return dict(report_status="disabled")
+    storage = d.get("storage") or {}
+    try:
+        out = build_report(run.url, storage, log=log)
+    except Exception as e:  # noqa: BLE001 - recorded in summary.json and the exit code, not hidden
+        msg = describe_error(e, secrets_of(storage))
+        log(f"REPORT FAILED: {msg}. The audit's results are complete ({run.url}/_SUCCESS written); only the report "
+            f"is missing: rerun `dcam report {run.url}` (exit status {EXIT_REPORT_FAILED})")
+        return dict(report_status="failed", report_error=msg)
+    log(f"report: {out}")
+    return dict(report_status="ok", report=out)

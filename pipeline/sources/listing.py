@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import posixpath
 
+from dcam.pipeline.layout import MANIFEST, is_run_dir, run_dirs_among
 from dcam.pipeline.sources.base import EXTENSIONS, FORMATS, ShardSpec, SourceError, make_shard_key, redact_url
 from dcam.pipeline.storage import describe_error, open_fs, retry_settings, scheme_of, secrets_of, with_retries
 
@@ -10,7 +11,9 @@ from dcam.pipeline.storage import describe_error, open_fs, retry_settings, schem
 def list_shards(input_url: str, fmt: str = "auto", storage_options: dict | None = None) -> list[ShardSpec]:
     """Shards under a file URL, a directory/prefix (recursive) or a glob, sorted by URL.
 
-    Names starting with '.' or '_' (_SUCCESS, .DS_Store, _temporary/) are skipped when expanding.
+    Names starting with '.' or '_' (_SUCCESS, .DS_Store, _temporary/) are skipped when expanding,
+    and so is every dcam run directory (manifest.json beside results/, _SUCCESS or _lease.json):
+    dcam's own output is never input. An input that is, or lies inside, a run directory is refused.
     fmt="auto" picks by extension: .tar -> webdataset (img2dataset's .parquet/.json sidecars ignored),
     .parquet -> parquet or img2dataset_parquet (by the first file's schema), .jsonl, .csv, .json -> coco;
     a mix of parquet/jsonl/csv is refused as ambiguous.
@@ -22,8 +25,12 @@ def list_shards(input_url: str, fmt: str = "auto", storage_options: dict | None 
     attempts, base = retry_settings(storage_options)
     try:
         files = with_retries(lambda: _expand(fs, path), attempts, base, secrets=secrets)
+        run_dir = with_retries(lambda: _enclosing_run_dir(fs, path), attempts, base, secrets=secrets)
     except Exception as e:  # noqa: BLE001 - reported as a shard-level error
         raise SourceError(f"cannot list {redact_url(input_url, secrets)}: {describe_error(e, secrets)}") from None
+    if run_dir is not None:
+        raise SourceError(f"input {redact_url(input_url, secrets)} is inside a dcam run directory ({run_dir} holds "
+                          f"{MANIFEST} and results): dcam's output is never read as input; give the run's input")
     chosen = fmt if fmt != "auto" else _detect_format(files, redact_url(input_url, secrets))
     files = [f for f in files if f.lower().endswith(EXTENSIONS[chosen]) and not f.endswith("_stats.json")]
     if not files:
@@ -59,12 +66,31 @@ def _expand(fs, path: str) -> list[str]:
 
 
 def _files_under(fs, root: str) -> list[str]:
+    """Files under `root`, without hidden/underscore names and without dcam run directories."""
+    found = fs.find(root)
+    runs = run_dirs_among(found)
     out = []
-    for p in fs.find(root):
+    for p in found:
         rel = p[len(root.rstrip("/")):].lstrip("/") if p.startswith(root.rstrip("/")) else posixpath.basename(p)
-        if not any(part.startswith((".", "_")) for part in rel.split("/")):
+        if not any(part.startswith((".", "_")) for part in rel.split("/")) and \
+                not any(p.startswith(r + "/") for r in runs):
             out.append(p)
     return sorted(out)
+
+
+def _enclosing_run_dir(fs, path: str) -> str | None:
+    """The dcam run directory that `path` (a directory, file or glob) is or lies in, looking at
+    it and up to two parents (a run's results/ folder and one of its result files)."""
+    d = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    d = d.rstrip("/") if fs.isdir(d) else posixpath.dirname(d.rstrip("/"))
+    for _ in range(3):
+        if d in ("", "/"):
+            return None
+        if fs.exists(f"{d}/{MANIFEST}"):
+            if is_run_dir({posixpath.basename(n.rstrip("/")) for n in fs.ls(d, detail=False)}):
+                return d
+        d = posixpath.dirname(d)
+    return None
 
 
 def _detect_format(files: list[str], input_url: str) -> str:

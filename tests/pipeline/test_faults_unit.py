@@ -221,7 +221,7 @@ def _batch(shard_url: str, row_indexes: list[int]) -> dict[str, np.ndarray]:
 
 def _parts(run_url: str) -> list[str]:
     fs = MemoryFileSystem()
-    p = run_url.split("://", 1)[1] + "/results/_parts"
+    p = run_url.split("://", 1)[1] + "/_staging/parts"  # never under results/ (issue 18)
     return sorted(fs.ls(p, detail=False)) if fs.exists(p) else []
 
 

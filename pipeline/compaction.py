@@ -1,0 +1,104 @@
+"""A shard's part files -> its one final result file, and the check that a final file holds
+exactly its shard's input rows.
+
+A part file (pipeline/sinks.py) holds every output row of some input rows of one shard. When every
+input row of the shard is present, the parts are merged, de-duplicated on (row_index, method,
+token_index, step), written under _staging/tmp/ and moved into results/ (an atomic rename on local
+disk, a single object on S3), then deleted. Compaction refuses when a row is missing (the parts
+were deleted or never written) and never replaces a final file that already holds every input
+row: a late or concurrent driver can neither write an empty table over good results nor
+duplicate them. `fence` (the output lease's) runs right before the move.
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dcam.actors.schema import DEDUP_KEY
+from dcam.pipeline.layout import PARTS, RESULTS, TMP
+from dcam.pipeline.sinks import final_name
+
+
+class ShardIncompleteError(RuntimeError):
+    """A shard's part files do not hold every one of its input rows."""
+
+
+def parts_of(run, entry, config_hash: str) -> list[str]:
+    prefix = f"{entry.shard_key}.{config_hash}."
+    return [p for p in run.ls(PARTS) if p.rsplit("/", 1)[-1].startswith(prefix)]
+
+
+def input_rows(run, paths: list[str]) -> set[int]:
+    """Distinct row_index values over result or part files (reads that one column only)."""
+    seen: set[int] = set()
+    for p in paths:
+        with run.fs.open(p, "rb") as f:
+            seen.update(pq.read_table(f, columns=["row_index"]).column(0).to_pylist())
+    return seen
+
+
+def final_input_rows(run, entry, config_hash: str) -> int | None:
+    """How many of the shard's input rows its final file holds (None: no final file). Rows
+    outside 0..rows-1 are not counted."""
+    path = run.path(RESULTS, final_name(entry.shard_key, config_hash))
+    if not run.fs.exists(path):
+        return None
+    return len(input_rows(run, [path]) & set(range(entry.rows)))
+
+
+def compact(run, entry, config_hash: str, parts: list[str], fence=None) -> int:
+    """Merge a complete shard's parts into its final file; returns the final file's output rows.
+    Raises ShardIncompleteError (and writes nothing) unless the parts hold every input row."""
+    from dcam.pipeline.sinks import SCHEMA
+
+    tables = [SCHEMA.empty_table()]
+    try:
+        for p in parts:
+            with run.fs.open(p, "rb") as f:
+                tables.append(pq.read_table(f))
+    except FileNotFoundError as e:
+        raise ShardIncompleteError(f"shard {entry.url}: a part file disappeared during compaction ({e})") from None
+    table = deduplicate(pa.concat_tables(tables))
+    present = set(table.column("row_index").to_pylist())
+    if present != set(range(entry.rows)):
+        raise ShardIncompleteError(f"shard {entry.url}: its part files hold {len(present & set(range(entry.rows)))} "
+                                   f"of {entry.rows} input rows; not compacted")
+    final = run.path(RESULTS, final_name(entry.shard_key, config_hash))
+    if final_input_rows(run, entry, config_hash) == entry.rows:
+        with run.fs.open(final, "rb") as f:
+            kept = pq.ParquetFile(f).metadata.num_rows
+        _remove(run, parts)  # already final (another compaction won): keep it, never replace it
+        return kept
+    tmp = run.path(TMP, f"{final.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp")
+    run.fs.makedirs(run.path(TMP), exist_ok=True)
+    with run.fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    if fence is not None:
+        fence(f"writing the final file of shard {entry.url}")
+    run.fs.makedirs(run.path(RESULTS), exist_ok=True)
+    run.fs.mv(tmp, final)
+    _remove(run, parts)
+    return table.num_rows
+
+
+def _remove(run, paths: list[str]) -> None:
+    for p in paths:
+        if run.fs.exists(p):
+            run.fs.rm(p)
+
+
+def deduplicate(table: pa.Table) -> pa.Table:
+    """Sort by (row_index, method, token_index, step) and keep the first row of each key."""
+    keys = [(k, "ascending") for k in DEDUP_KEY]
+    table = table.sort_by(keys)
+    cols = [pc.fill_null(table.column(k), -1 if k != "method" else "") for k in DEDUP_KEY]
+    arrays = [np.asarray(c.to_numpy(zero_copy_only=False)) for c in cols]
+    same = np.ones(max(0, table.num_rows - 1), dtype=bool)
+    for a in arrays:
+        same &= a[1:] == a[:-1]
+    keep = np.concatenate([[True], ~same]) if table.num_rows else np.zeros(0, bool)
+    return table.filter(pa.array(keep))
