@@ -16,8 +16,19 @@ import numpy as np
 
 from dcam.pipeline import stages
 from dcam.pipeline.config import config_hash, to_dict
+from dcam.pipeline.console import progress_line
 from dcam.pipeline.manifest import SUCCESS, RunDir, compact, load_or_create_manifest, parts_of, reconcile
+from dcam.pipeline.run_config import check_run_config, store_run_config
 from dcam.pipeline.sources import list_shards
+
+# Ray Data passes every actor pool's UDF to the actor constructor by object reference and enables
+# actor restarts, so Ray's core worker logs one error-level line per pool on every run (ray-project/
+# ray#53727). The reference is held by the executing Dataset for the whole run (and its object lives
+# on the driver's node), so restarting a ProbeActor that died works: tests kill one and every row is
+# still written exactly once. Turning restarts off would silence it and lose that fault tolerance.
+RAY_ACTOR_ARGS_NOTE = ("note: Ray logs an error-level line 'Actor ... MapBatches(ProbeActor) ... has constructor "
+                       "arguments in the object store and max_restarts > 0' on every run: expected and harmless "
+                       "here (README: Ray's log lines)")
 
 
 class JobIncompleteError(RuntimeError):
@@ -136,6 +147,7 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
     d = {**d, "probe": {**d["probe"], "threads": probe_threads(d, may_grow)}}
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(d["ray"].get("progress_bars", True))
+    log(RAY_ACTOR_ARGS_NOTE)
     expected = {e.url: e.rows for e in pending}
     entries = {e.url: e for e in pending}
     seen = {u: 0 for u in expected}
@@ -163,7 +175,7 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
             now = time.perf_counter() - t0
             if now - last > 10 or counts["inputs"] == total:
                 last = now
-                log(f"{counts['inputs']}/{total} rows ({counts['ok']} ok), {counts['inputs'] / max(now, 1e-9):.1f} rows/s")
+                log(progress_line(counts["inputs"], total, counts["ok"], steady_rate(first, counts["inputs"])))
         for f in futures:
             f.result()
     end = time.perf_counter()
@@ -173,6 +185,14 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log) -> dict:
         counts["timing"] = dict(startup_s=first[0] - t_start, total_s=end - t_start,
                                 steady_rows_per_s=steady_rows / steady_s if steady_s > 0 and steady_rows else None)
     return counts
+
+
+def steady_rate(first: tuple[float, int] | None, done: int) -> float | None:
+    """Input rows/s since the first output batch (start-up excluded: Ray and model load would
+    make an early ETA far too long); None until a second batch arrived."""
+    if first is None or done <= first[1]:
+        return None
+    return (done - first[1]) / max(time.perf_counter() - first[0], 1e-9)
 
 
 def run_job(cfg, log=print) -> dict:
@@ -197,9 +217,11 @@ def run_job(cfg, log=print) -> dict:
     preflight(source, bool(d["model"].get("trust_remote_code", False)), d["model"].get("storage_options"),
               allowed_schemes=tuple(so.get("allowed_schemes") or ALLOWED_SCHEMES))
     run = RunDir(d["output"], so)
+    check_run_config(run, d, h)  # a changed result-relevant key is refused before any work, naming the keys
     input_url = d["input"] or synthesise_default(run, d, log)
     shards = list_shards(input_url, d["format"], so)
     entries = load_or_create_manifest(run, h, input_url, shards, d["source"], log)
+    store_run_config(run, d, h)
     complete, pending = reconcile(run, entries, h, log)
     log(f"run {run.url} (config {h}): {len(entries)} shards, {len(complete)} already complete, {len(pending)} to process")
     counts = execute(pending, run, d, h, log) if pending else dict(inputs=0, ok=0, errors={}, seconds=0.0)

@@ -7,12 +7,13 @@ import json
 import numpy as np
 import pyarrow.dataset as pads
 
+from dcam import __version__
 from dcam.actors.numeric import finite_or_none, nanmean
 from dcam.actors.schema import TABLE_SCORES
 from dcam.pipeline.console import format_table
 from dcam.pipeline.manifest import RunDir
-from dcam.pipeline.report.build import build_report
-from dcam.pipeline.report.gate import check_fail_under, parse_fail_under
+from dcam.pipeline.report.build import generate_report
+from dcam.pipeline.report.gate import run_verdict
 
 
 def read_results(run: RunDir, columns: list[str]):
@@ -57,7 +58,8 @@ def format_summary(s: dict) -> str:
     for k, n in sorted(s["errors"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  error {k:20s} {n}")
     if s.get("rows_per_s"):
-        lines.append(f"  throughput this execution: {s['rows_per_s']:.2f} input rows/s over {s['seconds']:.1f}s")
+        when = f"of {s['throughput_from']}" if s.get("throughput_from") else "this execution"
+        lines.append(f"  throughput {when}: {s['rows_per_s']:.2f} input rows/s over {s['seconds']:.1f}s")
     if s["table"]:
         cols = ["rows", "obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc"]
         lines.append(format_table([("method", 18), ("refine", 20)], cols, s["table"], width=11, indent="  "))
@@ -67,17 +69,33 @@ def format_summary(s: dict) -> str:
 def finish_run(run: RunDir, d: dict, cfg_hash: str, counts: dict, log) -> dict:
     cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
     t = read_results(run, cols)
-    s = dict(run=run.url, config_hash=cfg_hash, **status_counts(t), table=localisation_table(t),
-             seconds=counts.get("seconds", 0.0), timing=counts.get("timing", {}),
-             rows_per_s=(counts["inputs"] / counts["seconds"]) if counts.get("seconds") else None)
+    s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, **status_counts(t),
+             table=localisation_table(t), **throughput(run, counts))
     run.write_text("summary.json", json.dumps(s, indent=1, default=float))
     log(format_summary(s))
     rep = d.get("report") or {}
+    report_summary = None
     if rep.get("enabled", True):
-        out = build_report(run.url, d.get("storage") or {}, log=log)
+        out, report_summary = generate_report(run.url, d.get("storage") or {}, log=log)
         log(f"report: {out}")
-    reasons = check_fail_under(s["table"], parse_fail_under(rep.get("fail_under")))
-    s["exit_code"] = 2 if reasons else 0
-    if reasons:
-        log("FAIL-UNDER: " + "; ".join(reasons))
+    s["gate"] = run_verdict(s, rep, report_summary)
+    s["exit_code"] = 0 if s["gate"]["passed"] else 2
+    run.write_text("summary.json", json.dumps(s, indent=1, default=float))
+    if not s["gate"]["passed"]:
+        log("GATE FAILED (exit 2): " + "; ".join(s["gate"]["reasons"]))
     return s
+
+
+def throughput(run: RunDir, counts: dict) -> dict:
+    """This execution's throughput; an execution that processed nothing (a rerun of a finished run)
+    keeps the figures of the execution that did the work, from the previous summary.json."""
+    if not counts.get("inputs") and run.exists("summary.json"):
+        try:
+            old = json.loads(run.read_text("summary.json"))
+        except ValueError:
+            old = {}
+        if old.get("rows_per_s"):
+            keep = {k: old.get(k) for k in ("seconds", "timing", "rows_per_s")}
+            return dict(keep, throughput_from=old.get("throughput_from") or "an earlier execution of this run")
+    return dict(seconds=counts.get("seconds", 0.0), timing=counts.get("timing", {}),
+                rows_per_s=(counts["inputs"] / counts["seconds"]) if counts.get("seconds") else None)
