@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import List
 
 import numpy as np
 
 from dcam.actors import scenes
 from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.config_schema import key
 from dcam.pipeline.console import emit, log
 
 
@@ -70,8 +73,30 @@ def run_bench(cfg, log=print) -> dict:
                 pipeline_total_s=t["total_s"], regime="per-image compute dominated (tiny model on CPU)")
 
 
+@dataclass
+class BenchConfig:
+    """conf/bench.yaml."""
+    n: int = key(ge=1)
+    single_n: int = key(ge=1)
+    seed: int = key()
+    shard_size: int = key(ge=1)
+    batch_size: int = key(ge=1)
+    run_overrides: List[str] = key()
+
+    @staticmethod
+    def cross_check(cfg) -> str | None:
+        """run_overrides are `dcam run` overrides: validated now, not after the corpus is written."""
+        from dcam.pipeline.config import ConfigError
+
+        try:
+            load_config("run", ["input=/validate", "output=/validate", *cfg.run_overrides])
+        except ConfigError as e:
+            return f"run_overrides: {e}"
+        return None
+
+
 def command(args) -> int:
     """`dcam bench [--json] [k=v ...]`."""
-    cfg = load_config("bench", args.overrides)
+    cfg = load_config("bench", args.overrides, schema=BenchConfig)
     emit(run_bench(cfg, log=log), args.json)
     return 0

@@ -7,6 +7,8 @@ their ratio (measured in the same process, so machine noise affects both alike).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,6 +16,7 @@ from dcam.actors import scenes
 from dcam.actors.methods import probe_config
 from dcam.actors.probe.explain import explain_batch
 from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.config_schema import key
 from dcam.pipeline.console import emit, log
 
 
@@ -57,8 +60,19 @@ def _fmt(phases: dict[str, float]) -> str:
     return "  ".join(f"{k} {v * 1000:.0f} ms/image" for k, v in phases.items())
 
 
+@dataclass
+class BenchProbeConfig:
+    """conf/bench_probe.yaml."""
+    n: int = key(ge=1)
+    seed: int = key()
+    batch_size: int = key(ge=1)
+    faithfulness_steps: int = key(ge=0)
+    threads: int = key(ge=1)
+    model: Any = key()
+
+
 def command(args) -> int:
     """`dcam bench-probe [--json] [k=v ...]`."""
-    cfg = to_dict(load_config("bench_probe", args.overrides))
+    cfg = to_dict(load_config("bench_probe", args.overrides, schema=BenchProbeConfig))
     emit(run_bench_probe(cfg, log=log), args.json)
     return 0

@@ -7,12 +7,14 @@ inputs, and reports the speedup and the largest absolute difference of the outpu
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from dcam.actors.refine import RefineConfig, refine_batch
 from dcam.benchmarks.refine_loop import refine_batch_loop
 from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.config_schema import key
 from dcam.pipeline.console import emit
 
 
@@ -94,8 +96,19 @@ if __name__ == "__main__":
     print(run_bench_refine())
 
 
+@dataclass
+class BenchRefineConfig:
+    """conf/bench_refine.yaml."""
+    n_maps: int = key(ge=1)
+    h: int = key(ge=1)
+    w: int = key(ge=1)
+    seed: int = key()
+    vec_repeats: int = key(ge=1)
+    loop_repeats: int = key(ge=1)
+
+
 def command(args) -> int:
     """`dcam bench-refine [--json] [k=v ...]`."""
-    cfg = to_dict(load_config("bench_refine", args.overrides))
+    cfg = to_dict(load_config("bench_refine", args.overrides, schema=BenchRefineConfig))
     emit(run_bench_refine(**cfg), args.json)
     return 0

@@ -65,7 +65,8 @@ def _sample_rows(i: int, seed: int, shard: str, methods, steps: int, masks: bool
     rng = np.random.default_rng([seed, i, 7])
     size = sc.image.shape[0]
     base = dict(id=texts.get("id", f"img-{i:05d}"), shard=shard, row_index=i, prompt=sc.prompt,
-                response=texts.get("response", sc.caption), response_source="generated", status="ok", notes="",
+                response=texts.get("response", sc.caption), response_source=texts.get("response_source", "generated"),
+                status="ok", notes="",
                 model_id="tiny-dmllm", config_hash="synthhash01", probe_ms=float(rng.uniform(20, 60)),
                 refine_ms=float(rng.uniform(1, 3)), hook="blocks.2", layer=2, state="trajectory")
     rows, good = [], rng.random() > 0.3
@@ -111,7 +112,7 @@ def write_synthetic_run(run_url: str, n_samples: int = 12, n_shards: int = 2, me
 
     error_every=k: every k-th sample is an error row (1 = all errors, 0 = none). steps>1: each
     (sample, token, method) gets one map per denoising step. inject: {sample index: {"response":
-    ..., "token": ..., "id": ...}} text overrides (for escaping tests)."""
+    ..., "token": ..., "id": ..., "response_source": ...}} overrides (for escaping and audit tests)."""
     fs, root = open_fs(run_url, storage_options)
     root = root.rstrip("/")
     shards = [f"s3://corpus/shard-{k:03d}.parquet" for k in range(n_shards)]

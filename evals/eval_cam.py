@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, List
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from dcam.actors.schema import TABLE_SCORES
 from dcam.actors.scores import f3_table, score_map
 from dcam.evals import reference_maps
 from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.config_schema import key
 from dcam.pipeline.console import emit, log
 from dcam.pipeline.console import format_table as console_table
 
@@ -183,9 +185,25 @@ def format_table(result: dict) -> str:
     return title + "\n" + console_table([("name", 28)], list(COLUMNS), result["rows"])
 
 
+@dataclass
+class EvalCamConfig:
+    """conf/eval_cam.yaml."""
+    n: int = key(ge=1)
+    seed: int = key()
+    selection_seed: int = key()
+    model: Any = key()
+    batch_size: int = key(ge=1)
+    rows_per_pass: int = key(ge=1)
+    faithfulness_steps: int = key(ge=0)
+    faithfulness_rows: List[str] = key()
+    untrained_seed: int = key()
+    variants: List[str] = key()
+    hooks: List[str] = key()
+
+
 def command(args) -> int:
     """`dcam eval-cam [--json] [k=v ...]`."""
-    cfg = to_dict(load_config("eval_cam", args.overrides))
+    cfg = to_dict(load_config("eval_cam", args.overrides, schema=EvalCamConfig))
     result = run_eval_cam(cfg, log=log)
     emit(result, args.json, format_table(result))
     return 0

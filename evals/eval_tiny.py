@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from dcam.actors.models.tiny_dmllm import (
 )
 from dcam.actors.scenes import TRAIN_SEEDS, VALIDATION_SEED
 from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.config_schema import key
 from dcam.pipeline.console import emit
 
 
@@ -45,10 +48,18 @@ def caption_quality(model: TinyDMLLM, tok: WordTokenizer, seed: int, n: int, bat
                 colour_acc=frac(colour), shape_acc=frac(shape))
 
 
+@dataclass
+class EvalTinyConfig:
+    """conf/eval_tiny.yaml."""
+    n: int = key(ge=1)
+    seed: int = key()
+    batch_size: int = key(ge=1)
+    model: Any = key()
+
+
 def command(args) -> int:
     """`dcam eval-tiny [--json] [k=v ...]`."""
-
-    cfg = to_dict(load_config("eval_tiny", args.overrides))
+    cfg = to_dict(load_config("eval_tiny", args.overrides, schema=EvalTinyConfig))
     if cfg["seed"] in TRAIN_SEEDS or cfg["seed"] == VALIDATION_SEED:
         print(f"seed {cfg['seed']} was used to train or select the model; pick another", file=sys.stderr)
         return 2

@@ -25,17 +25,54 @@ COMMANDS = {
 }
 
 
+# `dcam run --help`: the keys most runs set (every key, with comments: conf/run.yaml).
+MAIN_RUN_KEYS = ("input", "output", "format", "model", "model.source", "probe.batch_size", "probe.rows_per_pass",
+                 "probe.faithfulness_steps", "probe.targets", "methods.diffusion_cam.preset", "actors.num_gpus",
+                 "actors.pool_max", "storage.endpoint_url", "report.fail_under", "report.max_error_rate", "ray.address")
+EXIT_CODES = ("exit codes: 0 success; 1 the job failed (a retry may help); 2 a gate failed (report.fail_under, "
+              "report.max_error_rate) or the command was refused (invalid config, missing input, output holding "
+              "another run); 130 interrupted (rerun to resume)")
+
+
+def _run_epilog() -> str:
+    """Main keys with their defaults (conf/run.yaml) and docs (pipeline/config_schema.py)."""
+    from omegaconf import OmegaConf
+
+    from dcam.conf import conf_path
+    from dcam.pipeline.config_schema import doc_of
+
+    path = conf_path("run")
+    defaults = OmegaConf.load(path)
+    lines = ["main keys (key=default  meaning):"]
+    for k in MAIN_RUN_KEYS:
+        value = OmegaConf.select(defaults, k, default=None)
+        shown = "" if isinstance(value, (dict, list)) or OmegaConf.is_config(value) else value
+        lines.append(f"  {k}={'' if shown is None else shown}  {doc_of(k)}")
+    lines += ["", f"every key, with comments: {path}",
+              "validated before anything starts: an unknown key, a wrong type or an out-of-range value is refused "
+              "with one line naming the key", "", EXIT_CODES]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dcam", description="Diffusion-CAM audits for diffusion multimodal LLMs")
+    p = argparse.ArgumentParser(prog="dcam", description="Diffusion-CAM audits for diffusion multimodal LLMs",
+                                epilog=EXIT_CODES)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, _) in COMMANDS.items():
-        s = sub.add_parser(name, help=help_, description=help_)
+        extra = dict(epilog=_run_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter) \
+            if name == "run" else dict(epilog=EXIT_CODES)
+        s = sub.add_parser(name, help=help_, description=help_, **extra)
         if name == "report":
             s.add_argument("run_dir", help="run directory or URL (local or s3://)")
             s.add_argument("--baseline", help="another run to compare with (drift)")
-            s.add_argument("--fail-under", dest="fail_under", help="e.g. obj_iou=0.30,pointing=0.8; exit 2 if missed")
+            s.add_argument("--fail-under", dest="fail_under",
+                           help="e.g. obj_iou=0.30,pointing=0.8,error_rate=0.05; exit 2 if missed")
+            s.add_argument("--allow-partial", dest="allow_partial", action="store_true",
+                           help="let --fail-under pass on a run without _SUCCESS (by default a gate on a partial "
+                                "run fails)")
             s.add_argument("--out", help="where to write report.html / summary.json (default: <run>/report)")
         s.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+        s.add_argument("--debug", action="store_true", help="print the traceback of an error (default: one line)")
         s.add_argument("overrides", nargs="*", help="omegaconf dotlist overrides, e.g. n=500 seed=7")
     return p
 
@@ -68,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - an operator's error is one line; anything else re-raised
+        if args.debug:
+            raise
+        from dcam.pipeline.operator_errors import operator_message
+
+        known = operator_message(e)
+        if known is None:
+            raise
+        print(f"dcam {args.command}: error: {known[1]} (--debug for the traceback)", file=sys.stderr)
+        return known[0]
     return int(code or 0)
 
 

@@ -15,8 +15,11 @@ def synth(args) -> int:
     cfg = to_dict(load_config("synth", args.overrides))
     sc = scenes.SceneConfig(size=cfg["size"], min_objects=cfg["min_objects"], max_objects=cfg["max_objects"],
                             clutter=cfg["clutter"], prompt=cfg["prompt"])
-    urls = write_corpus(cfg["output"], cfg["n"], cfg["seed"], cfg["shard_size"], sc, cfg.get("storage") or {})
-    emit({"n": cfg["n"], "shards": urls}, args.json, f"wrote {cfg['n']} scenes in {len(urls)} shards to {cfg['output']}")
+    urls = write_corpus(cfg["output"], cfg["n"], cfg["seed"], cfg["shard_size"], sc, cfg.get("storage") or {},
+                        with_response=cfg["with_response"])
+    given = "with captions as responses" if cfg["with_response"] else "without responses (the model answers)"
+    emit({"n": cfg["n"], "shards": urls, "with_response": cfg["with_response"]}, args.json,
+         f"wrote {cfg['n']} scenes in {len(urls)} shards to {cfg['output']}, {given}")
     return 0
 
 

@@ -35,7 +35,27 @@ def format_table(labels: list[tuple[str, int]], columns: list[str], rows: list[d
 
 
 def _cell(v, width: int, digits: int) -> str:
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        return f"{int(v):{width}d}"
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):  # counts (rows) print as integers
+        return f"{int(v):>{width}d}"
     f = finite_or_none(v) if isinstance(v, numbers.Real) else None
     return f"{'-':>{width}s}" if f is None else f"{f:{width}.{digits}f}"
+
+
+def progress_line(done: int, total: int, ok: int, rate: float | None) -> str:
+    """'120/512 rows (118 ok), 4.1 rows/s, ETA 1m36s' (no ETA until a rate is known)."""
+    line = f"{done}/{total} rows ({ok} ok)"
+    if rate:
+        line += f", {rate:.1f} rows/s"
+        if done < total:
+            line += f", ETA {format_duration((total - done) / rate)}"
+    return line
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 3m05s, 2h07m."""
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"

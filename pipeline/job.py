@@ -21,10 +21,21 @@ import numpy as np
 from dcam.pipeline import stages
 from dcam.pipeline.compaction import ShardIncompleteError, compact, parts_of
 from dcam.pipeline.config import config_hash, to_dict
+from dcam.pipeline.console import progress_line
 from dcam.pipeline.layout import SUCCESS, RunDir, check_disjoint, synth_input_url
 from dcam.pipeline.lease import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, OutputLease
 from dcam.pipeline.manifest import load_or_create_manifest, reconcile, refuse_input_inside_run
+from dcam.pipeline.run_config import check_run_config, store_run_config
 from dcam.pipeline.sources import list_shards
+
+# Ray Data passes every actor pool's UDF to the actor constructor by object reference and enables
+# actor restarts, so Ray's core worker logs one error-level line per pool on every run (ray-project/
+# ray#53727). The reference is held by the executing Dataset for the whole run (and its object lives
+# on the driver's node), so restarting a ProbeActor that died works: tests kill one and every row is
+# still written exactly once. Turning restarts off would silence it and lose that fault tolerance.
+RAY_ACTOR_ARGS_NOTE = ("note: Ray logs an error-level line 'Actor ... MapBatches(ProbeActor) ... has constructor "
+                       "arguments in the object store and max_restarts > 0' on every run: expected and harmless "
+                       "here (README: Ray's log lines)")
 
 
 class JobIncompleteError(RuntimeError):
@@ -145,6 +156,7 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLeas
     d = {**d, "probe": {**d["probe"], "threads": probe_threads(d, may_grow)}}
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(d["ray"].get("progress_bars", True))
+    log(RAY_ACTOR_ARGS_NOTE)
     expected = {e.url: e.rows for e in pending}
     entries = {e.url: e for e in pending}
     seen = {u: 0 for u in expected}
@@ -172,7 +184,7 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLeas
             now = time.perf_counter() - t0
             if now - last > 10 or counts["inputs"] == total:
                 last = now
-                log(f"{counts['inputs']}/{total} rows ({counts['ok']} ok), {counts['inputs'] / max(now, 1e-9):.1f} rows/s")
+                log(progress_line(counts["inputs"], total, counts["ok"], steady_rate(first, counts["inputs"])))
         for f in futures:
             f.result()
     end = time.perf_counter()
@@ -191,6 +203,14 @@ def compact_shard(run: RunDir, entry, cfg_hash: str, lease: OutputLease, log) ->
         compact(run, entry, cfg_hash, parts_of(run, entry, cfg_hash), fence=lease.fence)
     except ShardIncompleteError as e:
         log(f"WARNING: {e}; left to the final reconciliation")
+
+
+def steady_rate(first: tuple[float, int] | None, done: int) -> float | None:
+    """Input rows/s since the first output batch (start-up excluded: Ray and model load would
+    make an early ETA far too long); None until a second batch arrived."""
+    if first is None or done <= first[1]:
+        return None
+    return (done - first[1]) / max(time.perf_counter() - first[0], 1e-9)
 
 
 def preflight_model(d: dict, so: dict) -> None:
@@ -221,6 +241,9 @@ def run_job(cfg, log=print) -> dict:
     run = RunDir(d["output"], so)
     input_url = d["input"] or synth_input_url(run.url)
     check_disjoint(input_url, run.url, so)
+    check_run_config(run, d, h)  # a changed result-relevant key is refused before any work, naming the keys
+    # a given input is listed before the output is touched: a wrong input creates nothing
+    shards = list_shards(input_url, d["format"], so) if d["input"] else None
     lc = d.get("lease") or {}
     lease = OutputLease(run, ttl_s=lc.get("ttl_s", DEFAULT_TTL_S), heartbeat_s=lc.get("heartbeat_s", DEFAULT_HEARTBEAT_S),
                         log=log)
@@ -228,7 +251,9 @@ def run_job(cfg, log=print) -> dict:
         refuse_input_inside_run(run)
         if not d["input"]:
             synthesise_default(input_url, d, log)
-        entries = load_or_create_manifest(run, h, input_url, list_shards(input_url, d["format"], so), d["source"], log)
+            shards = list_shards(input_url, d["format"], so)
+        entries = load_or_create_manifest(run, h, input_url, shards, d["source"], log)
+        store_run_config(run, d, h)
         rec = reconcile(run, entries, h, log, fence=lease.fence)
         if rec.pending and run.exists(SUCCESS):
             run.fs.rm(run.path(SUCCESS))  # a final file failed verification: the run is not complete any more

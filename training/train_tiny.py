@@ -176,7 +176,7 @@ def _save(model, tok, report: dict, directory: str) -> None:
 
 def command(args) -> int:
     """`dcam train-tiny [--json] [k=v ...]`."""
-    tc = TrainConfig(**to_dict(load_config("train_tiny", args.overrides)))
+    tc = TrainConfig(**to_dict(load_config("train_tiny", args.overrides, schema=TrainConfig)))
     try:
         report = train_tiny(tc, log=(log))
     except QualityGateError as e:

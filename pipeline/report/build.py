@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from dcam.pipeline.console import format_table
 from dcam.pipeline.manifest import MANIFEST, SUCCESS, RunDir
+from dcam.pipeline.report.audit import audit_trail, audit_warnings
 from dcam.pipeline.report.drift import Drift
 from dcam.pipeline.report.gate import gate, parse_thresholds
 from dcam.pipeline.report.scan import (
@@ -41,6 +42,7 @@ from dcam.pipeline.report.scan import (
     result_files,
 )
 from dcam.pipeline.report.sections import (
+    render_audit,
     render_breakdowns,
     render_drift,
     render_failures,
@@ -51,12 +53,25 @@ from dcam.pipeline.report.sections import (
     render_steps,
 )
 from dcam.pipeline.report.template import page
+from dcam.pipeline.run_config import read_run_config
 from dcam.pipeline.storage import join_url, open_fs, redact, secrets_of, with_retries
 
 FETCH_COLS = ["id", "shard", "row_index", "response", "token", "token_index", "object_id", "method", "refine", "step",
               "map", "map_h", "map_w", "obj_iou", "pointing", "energy", "deletion_auc", "insertion_auc", "thumbnail",
               "mask_thumbnail"]
 OPTIONS = dict(k=8, resamples=1000, seed=0)
+
+
+class NoRunError(ValueError):
+    """`dcam report` was pointed at a path that holds no dcam run (nothing is written there)."""
+
+
+def require_run(run: RunDir, display_url: str) -> None:
+    """Refuse a path with neither manifest.json nor result files: a typo must not become an empty
+    'report' (exit 0) nor create the directory."""
+    if run.exists(MANIFEST) or result_files(run.fs, run.root):
+        return
+    raise NoRunError(f"{display_url} holds no dcam run (no manifest.json, no results/*.parquet); nothing written")
 
 
 @dataclass
@@ -169,7 +184,7 @@ def warnings_for(s: dict, scan: RunScan) -> list[str]:
     return w
 
 
-def summarise(run_url: str, storage_options: dict, info: dict, files: list[str], scan: RunScan,
+def summarise(run: RunDir, run_url: str, storage_options: dict, info: dict, files: list[str], scan: RunScan,
               drift: Drift | None, baseline_url: str | None, opts: dict) -> dict:
     """The summary.json document."""
     secrets = secrets_of(storage_options)
@@ -188,7 +203,8 @@ def summarise(run_url: str, storage_options: dict, info: dict, files: list[str],
     if drift is not None:
         s["drift"] = dict(baseline=s["baseline"], counts=drift.counts, table=drift.table())
     s["accounting"] = accounting(s)
-    s["warnings"] = warnings_for(s, scan)
+    s["audit"] = audit_trail(scan, info, read_run_config(run), s["inputs"], len(files))
+    s["warnings"] = warnings_for(s, scan) + audit_warnings(s["audit"])
     return s
 
 
@@ -231,30 +247,33 @@ def write_outputs(out_url: str, storage_options: dict, html: str, summary: dict)
 
 def generate_report(run_url: str, storage_options: dict | None = None, out_dir: str | None = None,
                     baseline_url: str | None = None, log=print, fail_under: dict | None = None,
-                    **options) -> tuple[str, dict]:
-    """Build the report; returns (HTML path, summary dict incl. the fail_under verdict)."""
+                    allow_partial: bool = False, **options) -> tuple[str, dict]:
+    """Build the report; returns (HTML path, summary dict incl. the fail_under verdict). NoRunError
+    when the path holds no run."""
     opts = {**OPTIONS, **{k: v for k, v in options.items() if v is not None}}
     storage_options = storage_options or {}
     run = RunDir(run_url, storage_options)
+    require_run(run, redact(run_url, secrets_of(storage_options)))
     files = result_files(run.fs, run.root)
     log(f"report: scanning {len(files)} result files of {redact(run_url, secrets_of(storage_options))}")
     scan = RunScan(k=opts["k"], resamples=opts["resamples"], seed=opts["seed"]).scan(run.fs, files)
     drift = None
     if baseline_url:
         base = RunDir(baseline_url, storage_options)
+        require_run(base, redact(baseline_url, secrets_of(storage_options)))
         base_files = shards_of_files(base.fs, result_files(base.fs, base.root))
         log(f"report: pairing with the baseline ({len(base_files)} shards)")
         drift = Drift(k=opts["k"], resamples=opts["resamples"], seed=opts["seed"]).run(
             run.fs, scan.files_by_shard, base.fs, base_files)
     fetched = _fetch(run, scan, drift)
-    summary = summarise(run_url, storage_options, run_info(run), files, scan, drift, baseline_url, opts)
-    summary["fail_under"] = gate(summary, fail_under or {})
+    summary = summarise(run, run_url, storage_options, run_info(run), files, scan, drift, baseline_url, opts)
+    summary["fail_under"] = gate(summary, fail_under or {}, allow_partial)
     if accounting_failure(summary):  # fails loudly, thresholds or not
         summary["fail_under"] = {**summary["fail_under"], "passed": False,
                                  "reasons": [accounting_failure(summary), *summary["fail_under"]["reasons"]]}
     ctx = Context(summary, scan, drift, fetched)
-    body = [render_headline(ctx), render_label_free(ctx), render_breakdowns(ctx), render_histograms(ctx),
-            render_galleries(ctx), render_steps(ctx), render_failures(ctx), render_drift(ctx)]
+    body = [render_headline(ctx), render_audit(ctx), render_label_free(ctx), render_breakdowns(ctx),
+            render_histograms(ctx), render_galleries(ctx), render_steps(ctx), render_failures(ctx), render_drift(ctx)]
     meta = [f"run: {summary['run']}", f"model: {', '.join(summary['model_ids']) or '-'} \u00b7 config: "
             f"{', '.join(summary['config_hashes']) or '-'} \u00b7 {summary['files']} result files"
             + ("" if summary["complete"] else " \u00b7 UNFINISHED")]
@@ -314,11 +333,19 @@ def main_report(args) -> int:
         return 2
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     storage = opts.pop("storage", None) or {}
-    _, s = generate_report(args.run_dir, storage, getattr(args, "out", None), getattr(args, "baseline", None), log,
-                           fail_under=thresholds, **opts)
+    try:
+        _, s = generate_report(args.run_dir, storage, getattr(args, "out", None), getattr(args, "baseline", None),
+                               log, fail_under=thresholds, allow_partial=getattr(args, "allow_partial", False), **opts)
+    except NoRunError as e:
+        print(f"dcam report: {e}", file=sys.stderr)
+        return 2
+    if not s["complete"]:
+        print(f"WARNING: {s['run']} has no {SUCCESS}: the run has not finished (or failed); this report covers the "
+              f"{s['files']} result files written so far", file=sys.stderr)
     verdict = s["fail_under"]
     if getattr(args, "json", False):
-        keep = ("run", "report", "baseline", "complete", "accounting", "inputs", "ok", "errors", "rows", "explained_rows", "headline")
+        keep = ("run", "report", "baseline", "complete", "accounting", "inputs", "ok", "errors", "rows",
+                "explained_rows", "headline", "warnings")
         out = {k: s.get(k) for k in keep}
         out["drift"] = (s.get("drift") or {}).get("table")
         out["fail_under"] = verdict

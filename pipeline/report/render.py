@@ -132,6 +132,42 @@ def overlay(thumb: bytes | None, values, h, w, mask: bytes | None = None, object
     return Image.fromarray(out)
 
 
+MAP_PX = 192
+
+
+def plain_image(thumb: bytes | None, mask: bytes | None = None, object_id=None, px: int = MAP_PX) -> Image.Image:
+    """The sample's thumbnail at `px` (grey when none) with the named object's outline."""
+    return overlay(thumb, None, None, None, mask, object_id, px=px)
+
+
+def map_view(thumb: bytes | None, values, h, w, mask: bytes | None = None, object_id=None,
+             px: int = MAP_PX) -> Image.Image:
+    """The map alone, one crisp block per image-token cell (nearest upsampling, 'turbo' colours, 88%
+    opaque over a grey copy of the image for orientation), with the named object's outline: legible
+    where a half-transparent overlay on the photo is not."""
+    base = _decode(thumb, "L")
+    size = (px, px) if base is None else _fit(base.size, px)
+    grey = np.asarray(base.resize(size, Image.BILINEAR).convert("RGB"), np.float32) if base is not None \
+        else np.full((size[1], size[0], 3), 128, np.float32)
+    if values is None or not h or not w or len(values) != h * w:
+        return Image.fromarray(grey.astype(np.uint8))
+    m = np.nan_to_num(np.asarray(values, np.float32).reshape(h, w))
+    m = m - m.min()
+    m = m / m.max() if m.max() > 0 else m
+    cells = Image.fromarray((m * 255).astype(np.uint8), mode="L").resize(size, Image.NEAREST)
+    heat = heat_lut()[np.asarray(cells)].astype(np.float32)
+    out = (0.12 * grey + 0.88 * heat).clip(0, 255).astype(np.uint8)
+    obj = _decode(mask, "L")
+    if obj is not None and object_id is not None:
+        out[outline(np.asarray(obj.resize(size, Image.NEAREST)) == int(object_id))] = (255, 255, 255)
+    return Image.fromarray(out)
+
+
+def _fit(size: tuple[int, int], px: int) -> tuple[int, int]:
+    scale = px / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def outline(m: np.ndarray, width: int = 2) -> np.ndarray:
     """Boundary pixels of a boolean mask: inside pixels within `width` 4-steps of the outside."""
     inner = m.copy()

@@ -38,7 +38,9 @@ BREAKDOWN_DIMS = ("token", "category", "word_type", "shard", "step")
 BREAKDOWN_METRICS = ("obj_iou", "pointing", "energy", "f3", "deletion_auc", "map_top10")
 KEY_COLS = ("shard", "row_index", "method", "refine", "token_index", "step")
 SCAN_COLS = ["id", "shard", "row_index", "token", "token_index", "word_type", "category", "method", "refine", "step",
-             "status", "error", "error_kind", "model_id", "config_hash", *ROW_METRICS, "map"]
+             "status", "error", "error_kind", "model_id", "config_hash", "response_source", "hook", "state",
+             *ROW_METRICS, "map"]
+MAX_SETTINGS = 64  # distinct (method, refine, hook, state) combinations kept for the audit trail
 BATCH_ROWS = 4096
 BOOT_CHUNK = 1024
 READ_BUFFER = 1 << 20
@@ -347,20 +349,28 @@ class RunScan:
         self.files_by_shard: dict[str, list[str]] = {}
         self.models: set = set()
         self.hashes: set = set()
+        self.responses: dict[str, int] = {}  # response_source -> ok input samples
+        self.settings: set = set()  # (method, refine, hook, state) seen on explained rows
 
     def scan(self, fs, files: list[str]) -> "RunScan":
         """Read every result file once, batch by batch; returns self."""
         for path in files:
-            ok_keys, shards = [], {}
+            ok_keys, ok_sources, shards = [], [], {}
             for batch in iter_batches(fs, path, SCAN_COLS):
-                ok_keys.append(self._batch(batch, shards))
-            self.counts["ok_inputs"] += int(len(np.unique(np.concatenate(ok_keys)))) if ok_keys else 0
+                keys, sources = self._batch(batch, shards)
+                ok_keys.append(keys)
+                ok_sources.append(sources)
+            if ok_keys:
+                uniq, first = np.unique(np.concatenate(ok_keys), return_index=True)
+                self.counts["ok_inputs"] += int(len(uniq))
+                for src in np.concatenate(ok_sources)[first]:
+                    self.responses[str(src)] = self.responses.get(str(src), 0) + 1
             for s in shards:
                 self.files_by_shard.setdefault(s, []).append(path)
         return self
 
-    def _batch(self, batch, shards: dict) -> np.ndarray:
-        """Feed one record batch; returns keys (shard code, row_index) of its ok rows."""
+    def _batch(self, batch, shards: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one record batch; returns keys (shard code, row_index) and response sources of its ok rows."""
         self.counts["rows"] += batch.num_rows
         for s in pc.unique(batch.column("shard")).to_pylist():
             shards.setdefault(s, len(shards))
@@ -379,7 +389,8 @@ class RunScan:
         if targeted.num_rows:
             self._targeted(targeted)
         codes = np.array([shards[s] for s in okb.column("shard").to_pylist()], np.int64)
-        return (codes << 40) + okb.column("row_index").to_numpy(zero_copy_only=False).astype(np.int64)
+        sources = np.array([s or "unknown" for s in okb.column("response_source").to_pylist()], dtype=object)
+        return (codes << 40) + okb.column("row_index").to_numpy(zero_copy_only=False).astype(np.int64), sources
 
     def _targeted(self, t) -> None:
         """Scores of ok rows with an explained token: bootstrap, sample, breakdowns, gallery candidates."""
@@ -401,6 +412,10 @@ class RunScan:
         self.tops["deletion"].offer(col["deletion_auc"], item, groups)
         self.tops["diffuse"].offer(col["map_top10"], item, groups)
         self._find_strips(t)
+        if len(self.settings) < MAX_SETTINGS:
+            names = ("method", "refine", "hook", "state")
+            combos = pa.table({c: t.column(c) for c in names}).group_by(list(names)).aggregate([])
+            self.settings.update(tuple(r[c] for c in names) for r in combos.to_pylist())
 
     def _find_strips(self, t) -> None:
         """Note (sample, method, token) groups with several per-step maps (bounded: first few found)."""

@@ -3,7 +3,19 @@ and the gallery rows fetched from the run) returning Safe HTML. Corpus text is a
 from __future__ import annotations
 
 from dcam.actors.schema import FAITHFULNESS_SCORES, MAP_STATS
-from dcam.pipeline.report.render import Safe, clip_text, esc, fmt, histograms, img_tag, interval_cell, overlay, table
+from dcam.pipeline.report.render import (
+    Safe,
+    clip_text,
+    esc,
+    fmt,
+    histograms,
+    img_tag,
+    interval_cell,
+    map_view,
+    overlay,
+    plain_image,
+    table,
+)
 from dcam.pipeline.report.scan import BOOT_METRICS, BREAKDOWN_METRICS
 from dcam.pipeline.report.template import section
 
@@ -53,6 +65,10 @@ def render_headline(ctx) -> Safe:
     return section("headline", "Headline", Safe(body), note)
 
 
+MAP_LEGEND = ('<p class="legend">left: the image; right: the map, one block per image-token cell '
+              '<i></i> low \u2192 high; white outline: the named object</p>')
+
+
 def card(images, title: str, lines: list[str], text: str | None = None) -> Safe:
     """A gallery card: images (PIL), a bold title, small lines and an optional text (all escaped)."""
     imgs = "".join(img_tag(im, title) for im in images)
@@ -64,29 +80,31 @@ def card(images, title: str, lines: list[str], text: str | None = None) -> Safe:
 
 
 def row_card(ctx, ref: dict, extra: str) -> Safe:
-    """Card of one result row (map over the sample's thumbnail, object outline, scores)."""
+    """Card of one result row: the plain image and, beside it, the map at the same size (one block
+    per token cell), both with the named object's outline; scores below."""
     r = ctx.row(ref) or {}
     thumb, mask = ctx.images(ref["shard"], ref["row_index"])
-    img = overlay(thumb, r.get("map"), r.get("map_h"), r.get("map_w"), mask, r.get("object_id"))
+    images = [plain_image(thumb, mask, r.get("object_id")),
+              map_view(thumb, r.get("map"), r.get("map_h"), r.get("map_w"), mask, r.get("object_id"))]
     step = "" if ref.get("step") is None else f" \u00b7 step {ref['step']}"
     lines = [f"{ref['method']}/{ref['refine']}{step}", extra,
              f"IoU {fmt(r.get('obj_iou'))} \u00b7 pt {fmt(r.get('pointing'), 0)} \u00b7 E {fmt(r.get('energy'), 2)}",
              f"del {fmt(r.get('deletion_auc'), 2)} \u00b7 ins {fmt(r.get('insertion_auc'), 2)}",
              f"{ref.get('id')} (row {ref['row_index']})"]
-    return card([img], str(ref.get("token")), lines, r.get("response"))
+    return card(images, str(ref.get("token")), lines, r.get("response"))
 
 
 def gallery(ctx, items: list[dict], label) -> Safe:
     """A grid of row cards (`label(item)` is an extra caption line)."""
     if not items:
         return Safe('<p class="note">No rows.</p>')
-    return Safe('<div class="grid">' + "".join(row_card(ctx, it, label(it)) for it in items) + "</div>")
+    return Safe('<div class="grid wide">' + "".join(row_card(ctx, it, label(it)) for it in items) + "</div>")
 
 
 def render_galleries(ctx) -> Safe:
     """Worst-k and best-k rows by Obj-IoU."""
     tops = ctx.scan.tops
-    legend = Safe('<p class="legend">map: <i></i> low \u2192 high; white outline: the named object</p>')
+    legend = Safe(MAP_LEGEND)
     if not tops["worst"].items:
         return section("galleries", "Galleries", Safe(legend + '<p class="note">No Obj-IoU in this run (no masks): '
                                                       'see the label-free audit.</p>'))
@@ -98,9 +116,8 @@ def render_galleries(ctx) -> Safe:
 
 def render_label_free(ctx) -> Safe:
     """Label-free audit: faithfulness and concentration tables plus the suspicious rows."""
-    s, tops = ctx.summary, ctx.scan.tops
-    body = headline_table(s["headline"], ("deletion_auc", "insertion_auc", "map_top10", "map_entropy")) \
-        if s["headline"] else Safe('<p class="note">No explained rows.</p>')
+    tops = ctx.scan.tops
+    body = Safe('<p class="note">Figures: the Headline\'s "Faithfulness and map shape" table.</p>' + MAP_LEGEND)
     body += "<h3>Highest deletion AUC (answer survives deleting the attributed region)</h3>"
     body += gallery(ctx, tops["deletion"].items, lambda it: f"deletion AUC {it['score']:.3f}")
     body += "<h3>Most diffuse maps (lowest top-10% mass)</h3>"
@@ -212,3 +229,36 @@ def _moved_card(ctx, it: dict) -> Safe:
              f"IoU {fmt(it['obj_iou'])} vs {fmt(it['base_obj_iou'])}", f"{it['id']} (row {it['row_index']})"]
     return card([a, b], str(it["token"]), lines)
 
+
+
+DASH = "\u2013"
+
+
+def render_audit(ctx) -> Safe:
+    """What was audited: responses (own answers or given captions), method settings, inputs expected
+    vs present, dcam versions and the resolved config."""
+    a = ctx.summary["audit"]
+    r, i = a["responses"], a["inputs"]
+    present = "\u2013" if i["expected_rows"] is None else f"{i['present_rows']:,} of {i['expected_rows']:,}"
+    top = kpis([("responses", r["verdict"].split(" (")[0]), ("input rows present / expected", present),
+                ("result files / shards", f"{i['result_files']} / {i['expected_shards'] or DASH}"),
+                ("run written by dcam", a["run_dcam_version"] or "unknown"),
+                ("report by dcam", a["report_dcam_version"])])
+    resp = (f"<p>Responses: <b>{esc(r['verdict'])}</b> \u2014 {esc(r['generated'])} samples generated by the model, "
+            f"{esc(r['given'])} given by the input.</p>")
+    cols = ["method", "preset", "state", "hook", "variant", "contrast", "refinement", "refine_settings"]
+    methods = _wrap(table([*cols[:-1], "refine overrides"], [[m.get(c) for c in cols] for m in a["methods"]]))
+    cfg = a["config"]
+    conf = ('<details><summary>resolved config (config.json, credentials redacted)</summary>'
+            f'<pre class="conf">{esc(_yaml(cfg))}</pre></details>') if cfg else \
+        '<p class="note">No config.json in this run directory (written by an older dcam).</p>'
+    note = ("state and hook are read from the result rows; preset, variant and contrast from the run's stored config. "
+            f"config hash {a['config_hash'] or DASH}.")
+    return section("audit", "Audit trail", Safe(top + resp + "<h3>Method settings</h3>" + methods + conf), note)
+
+
+def _yaml(d) -> str:
+    """A config as YAML text (omegaconf's dump: the same format as conf/*.yaml)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(d))

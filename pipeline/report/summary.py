@@ -14,12 +14,13 @@ import json
 import numpy as np
 import pyarrow.dataset as pads
 
+from dcam import __version__
 from dcam.actors.numeric import finite_or_none, nanmean
 from dcam.actors.schema import TABLE_SCORES
 from dcam.pipeline.console import format_table
 from dcam.pipeline.layout import RunDir
-from dcam.pipeline.report.build import build_report
-from dcam.pipeline.report.gate import check_fail_under, parse_fail_under
+from dcam.pipeline.report.build import generate_report
+from dcam.pipeline.report.gate import run_verdict
 from dcam.pipeline.storage import describe_error, secrets_of
 
 EXIT_GATE_FAILED = 2
@@ -76,7 +77,8 @@ def format_summary(s: dict) -> str:
     for k, n in sorted(s["errors"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  error {k:20s} {n}")
     if s.get("rows_per_s"):
-        lines.append(f"  throughput this execution: {s['rows_per_s']:.2f} input rows/s over {s['seconds']:.1f}s")
+        when = f"of {s['throughput_from']}" if s.get("throughput_from") else "this execution"
+        lines.append(f"  throughput {when}: {s['rows_per_s']:.2f} input rows/s over {s['seconds']:.1f}s")
     if s["table"]:
         cols = ["rows", "obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc"]
         lines.append(format_table([("method", 18), ("refine", 20)], cols, s["table"], width=11, indent="  "))
@@ -89,9 +91,8 @@ def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting) -> dic
     cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
     t = read_results(run, cols)
     acct = accounting.to_dict()
-    s = dict(run=run.url, config_hash=cfg_hash, **status_counts(t), accounting=acct, table=localisation_table(t),
-             seconds=counts.get("seconds", 0.0), timing=counts.get("timing", {}),
-             rows_per_s=(counts["inputs"] / counts["seconds"]) if counts.get("seconds") else None)
+    s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, **status_counts(t), accounting=acct,
+             table=localisation_table(t), **throughput(run, counts))
     if not acct["exact"] or s["inputs"] != acct["expected_inputs"]:
         raise AccountingError(f"ACCOUNTING MISMATCH in {run.url}: the manifest lists {acct['expected_inputs']} input "
                               f"rows, the final files hold {s['inputs']} ({acct['present_inputs']} verified per shard); "
@@ -101,31 +102,50 @@ def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting) -> dic
 
 
 def finish_run(run: RunDir, d: dict, s: dict, log) -> dict:
-    """summary.json, the report and the gate for complete results; sets s['exit_code']."""
+    """summary.json, the report and the gates for complete results; sets s['exit_code']: 2 when a
+    gate failed, else 3 when only the report failed, else 0."""
     s["report_status"] = "pending"
     run.write_text("summary.json", json.dumps(s, indent=1, default=float))
     log(format_summary(s))
     rep = d.get("report") or {}
-    s.update(report_step(run, d, log))
-    reasons = check_fail_under(s["table"], parse_fail_under(rep.get("fail_under")))
-    if reasons:
-        log("FAIL-UNDER: " + "; ".join(reasons))
-    s["exit_code"] = EXIT_GATE_FAILED if reasons else EXIT_REPORT_FAILED if s["report_status"] == "failed" else 0
+    step, report_summary = report_step(run, d, log)
+    s.update(step)
+    s["gate"] = run_verdict(s, rep, report_summary)
+    if not s["gate"]["passed"]:
+        log(f"GATE FAILED (exit {EXIT_GATE_FAILED}): " + "; ".join(s["gate"]["reasons"]))
+    s["exit_code"] = (EXIT_GATE_FAILED if not s["gate"]["passed"]
+                      else EXIT_REPORT_FAILED if s["report_status"] == "failed" else 0)
     run.write_text("summary.json", json.dumps(s, indent=1, default=float))
     return s
 
 
-def report_step(run: RunDir, d: dict, log) -> dict:
-    """Build the report; a failure is reported and recorded, never raised: the results stand."""
+def report_step(run: RunDir, d: dict, log) -> tuple[dict, dict | None]:
+    """Build the report: (status fields, the report's summary). A failure is reported and
+    recorded, never raised: the results stand."""
     if not (d.get("report") or {}).get("enabled", True):
-        return dict(report_status="disabled")
+        return dict(report_status="disabled"), None
     storage = d.get("storage") or {}
     try:
-        out = build_report(run.url, storage, log=log)
+        out, report_summary = generate_report(run.url, storage, log=log)
     except Exception as e:  # noqa: BLE001 - recorded in summary.json and the exit code, not hidden
         msg = describe_error(e, secrets_of(storage))
         log(f"REPORT FAILED: {msg}. The audit's results are complete ({run.url}/_SUCCESS written); only the report "
             f"is missing: rerun `dcam report {run.url}` (exit status {EXIT_REPORT_FAILED})")
-        return dict(report_status="failed", report_error=msg)
+        return dict(report_status="failed", report_error=msg), None
     log(f"report: {out}")
-    return dict(report_status="ok", report=out)
+    return dict(report_status="ok", report=out), report_summary
+
+
+def throughput(run: RunDir, counts: dict) -> dict:
+    """This execution's throughput; an execution that processed nothing (a rerun of a finished run)
+    keeps the figures of the execution that did the work, from the previous summary.json."""
+    if not counts.get("inputs") and run.exists("summary.json"):
+        try:
+            old = json.loads(run.read_text("summary.json"))
+        except ValueError:
+            old = {}
+        if old.get("rows_per_s"):
+            keep = {k: old.get(k) for k in ("seconds", "timing", "rows_per_s")}
+            return dict(keep, throughput_from=old.get("throughput_from") or "an earlier execution of this run")
+    return dict(seconds=counts.get("seconds", 0.0), timing=counts.get("timing", {}),
+                rows_per_s=(counts["inputs"] / counts["seconds"]) if counts.get("seconds") else None)

@@ -39,7 +39,7 @@ td b { font-variant-numeric:tabular-nums; }
 td.err, .err { color:var(--bad); font-family:ui-monospace,Menlo,Consolas,monospace; font-size:12px;
                word-break:break-word; max-width:640px; }
 .grid { display:grid; grid-template-columns:repeat(auto-fill, minmax(146px, 1fr)); gap:10px; }
-.grid.wide { grid-template-columns:repeat(auto-fill, minmax(300px, 1fr)); }
+.grid.wide { grid-template-columns:repeat(auto-fill, minmax(330px, 1fr)); }
 .card { border:1px solid var(--line); border-radius:8px; padding:6px; background:#fff; font-size:12px; min-width:0; }
 .card img { display:block; width:100%; height:auto; border-radius:4px; image-rendering:auto; }
 .card .pair { display:flex; gap:4px; }
@@ -54,12 +54,15 @@ img.hist { max-width:100%; height:auto; }
 .legend i { display:inline-block; width:120px; height:10px; vertical-align:middle; border-radius:2px;
             background:linear-gradient(90deg,#30123b,#4686fb,#1ae4b6,#a2fc3c,#fabb39,#e4460a,#7a0403); }
 .delta-pos { color:var(--good); } .delta-neg { color:var(--bad); }
+details { margin:10px 0 2px; } summary { cursor:pointer; color:var(--accent); }
+pre.conf { background:#f8f9fb; border:1px solid var(--line); border-radius:6px; padding:8px 10px; font-size:12px;
+           max-height:480px; overflow:auto; }
 footer { color:var(--muted); font-size:12px; text-align:center; padding:16px; }
 @media print { nav { position:static; } section { break-inside:avoid; } }
 """
 
-SECTIONS = (("headline", "Headline"), ("label-free", "Label-free audit"), ("breakdowns", "Breakdowns"),
-            ("histograms", "Histograms"), ("galleries", "Galleries"), ("steps", "Steps"),
+SECTIONS = (("headline", "Headline"), ("audit", "Audit trail"), ("label-free", "Label-free audit"),
+            ("breakdowns", "Breakdowns"), ("histograms", "Histograms"), ("galleries", "Galleries"), ("steps", "Steps"),
             ("failures", "Failures"), ("drift", "Drift"))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
+import re
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -28,8 +30,40 @@ def coco_images(doc: Any) -> list:
     return doc["images"]
 
 
-def _coco_captions(ctx: ShardContext) -> dict:
+def coco_split(ctx: ShardContext) -> tuple[str, str] | None:
+    """(COCO root dir path, split) when the shard sits in COCO's layout: <root>/annotations/instances_<split>.json."""
+    m = re.fullmatch(r"instances_(.+)\.json", posixpath.basename(ctx.path), flags=re.I)
+    folder = posixpath.dirname(ctx.path)
+    if not m or posixpath.basename(folder) != "annotations":
+        return None
+    return posixpath.dirname(folder), m.group(1)
+
+
+def coco_images_prefix(ctx: ShardContext) -> str:
+    """Where the shard's images are: source.coco_images, else <root>/<split>/ of COCO's layout when that
+    folder exists, else the JSON's own folder."""
+    if ctx.source.get("coco_images"):
+        return ctx.source["coco_images"]
+    layout = coco_split(ctx)
+    if layout and ctx.fs.isdir(f"{layout[0]}/{layout[1]}"):
+        return ctx.shard_dir().rsplit("/", 1)[0] + "/" + layout[1]
+    return ctx.shard_dir()
+
+
+def coco_captions_url(ctx: ShardContext) -> str | None:
+    """source.coco_captions; `auto` = annotations/captions_<split>.json beside the instances file (if any)."""
     url = ctx.source.get("coco_captions")
+    if url != "auto":
+        return url or None
+    layout = coco_split(ctx)
+    if layout is None:
+        return None
+    path = f"{layout[0]}/annotations/captions_{layout[1]}.json"
+    return f"{ctx.shard_dir()}/captions_{layout[1]}.json" if ctx.fs.exists(path) else None
+
+
+def _coco_captions(ctx: ShardContext) -> dict:
+    url = coco_captions_url(ctx)
     if not url:
         return {}
     fs, path = open_fs(url, ctx.storage_options)
@@ -50,7 +84,7 @@ def read_coco(ctx: ShardContext) -> Iterator[dict]:
         if isinstance(a, dict) and isinstance(a.get("image_id"), (int, str)):
             anns[a["image_id"]].append(a)
     captions = _coco_captions(ctx)
-    prefix = ctx.source.get("coco_images") or ctx.shard_dir()
+    prefix = coco_images_prefix(ctx)
     for img in images:
         img_id = img.get("id") if isinstance(img, dict) else None
         key = img_id if isinstance(img_id, (int, str)) else None

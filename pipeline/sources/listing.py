@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import posixpath
+import re
 
 from dcam.pipeline.layout import MANIFEST, is_run_dir, run_dirs_among
 from dcam.pipeline.sources.base import EXTENSIONS, FORMATS, ShardSpec, SourceError, make_shard_key, redact_url
-from dcam.pipeline.storage import describe_error, open_fs, retry_settings, scheme_of, secrets_of, with_retries
+from dcam.pipeline.storage import (
+    RetriesExhaustedError,
+    describe_error,
+    is_transient,
+    open_fs,
+    retry_settings,
+    scheme_of,
+    secrets_of,
+    with_retries,
+)
+
+
+class SourceUnavailableError(SourceError):
+    """The input could not be listed for a reason a retry may fix (endpoint unreachable, throttled)."""
 
 
 def list_shards(input_url: str, fmt: str = "auto", storage_options: dict | None = None) -> list[ShardSpec]:
@@ -27,12 +41,16 @@ def list_shards(input_url: str, fmt: str = "auto", storage_options: dict | None 
         files = with_retries(lambda: _expand(fs, path), attempts, base, secrets=secrets)
         run_dir = with_retries(lambda: _enclosing_run_dir(fs, path), attempts, base, secrets=secrets)
     except Exception as e:  # noqa: BLE001 - reported as a shard-level error
-        raise SourceError(f"cannot list {redact_url(input_url, secrets)}: {describe_error(e, secrets)}") from None
+        cls = SourceUnavailableError if isinstance(e, RetriesExhaustedError) or is_transient(e) else SourceError
+        raise cls(f"cannot list {redact_url(input_url, secrets)}: {describe_error(e, secrets)}") from None
     if run_dir is not None:
         raise SourceError(f"input {redact_url(input_url, secrets)} is inside a dcam run directory ({run_dir} holds "
                           f"{MANIFEST} and results): dcam's output is never read as input; give the run's input")
+    named_file = len(files) == 1 and files[0].rstrip("/") == path.rstrip("/")
     chosen = fmt if fmt != "auto" else _detect_format(files, redact_url(input_url, secrets))
     files = [f for f in files if f.lower().endswith(EXTENSIONS[chosen]) and not f.endswith("_stats.json")]
+    if chosen == "coco" and not named_file:
+        files = coco_instances_files(files, redact_url(input_url, secrets))
     if not files:
         raise SourceError(f"no {chosen} shards found at {redact_url(input_url, secrets)}")
     if fmt == "auto" and chosen == "parquet":
@@ -63,6 +81,23 @@ def _expand(fs, path: str) -> list[str]:
     if prefixed:
         return sorted(prefixed)
     raise FileNotFoundError(f"no such file, directory or prefix: {path}")
+
+
+# COCO annotation files that are not instances files (captions, keypoints, image lists, panoptic, stuff)
+COCO_OTHER_JSON = re.compile(r"^(captions|person_keypoints|image_info|panoptic|stuff)([_.-]|$)", re.I)
+COCO_NEEDS = ("a COCO instances JSON: input=<coco>/annotations/instances_<split>.json, or a directory in COCO's "
+              "layout (annotations/instances_<split>.json, images in <split>/); captions go in "
+              "source.coco_captions (or =auto), images in source.coco_images")
+
+
+def coco_instances_files(files: list[str], input_url: str) -> list[str]:
+    """The instances files among the JSON files of a COCO directory: captions, keypoints and the other
+    annotation files of COCO's layout are not shards (read as one they would give wrong rows)."""
+    keep = [f for f in files if not COCO_OTHER_JSON.match(posixpath.basename(f))]
+    if not keep:
+        found = ", ".join(sorted(posixpath.basename(f) for f in files)[:5]) or "no .json files"
+        raise SourceError(f"no COCO instances file at {input_url} (found {found}): dcam needs {COCO_NEEDS}")
+    return keep
 
 
 def _files_under(fs, root: str) -> list[str]:

@@ -193,8 +193,11 @@ def _wait(cond, message, timeout=60.0):
 
 
 def test_dcam_run_refuses_a_held_output_with_exit_4_and_one_line(tmp_path, capsys):
+    from dcam.actors import scenes
     from dcam.pipeline.cli import main
+    from dcam.pipeline.synth import write_corpus
 
+    write_corpus(str(tmp_path / "in"), 2, 1200, 2, scenes.SceneConfig())  # an input that lists: the lease refuses
     holder = _lease(RunDir(str(tmp_path / "out"), {})).acquire()
     code = main(["run", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip().splitlines()

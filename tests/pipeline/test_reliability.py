@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from badinput import outcome_key, write_bad_input_shard
@@ -43,7 +44,11 @@ def test_bad_input_corpus_every_row_accounted_for(ray_local, tmp_path, random_ck
 
 
 def _dcam(args, tmp_path, **kw):
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ADDRESS="")
+    # the checkout under test first on the path: from cwd=tmp_path, `-m dcam` would otherwise import
+    # whichever dcam is installed (e.g. an editable install of another worktree), not this code
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_ADDRESS="",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     env.pop("RAY_ADDRESS")
     return subprocess.Popen([sys.executable, "-m", "dcam", "run", *args], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path), **kw)

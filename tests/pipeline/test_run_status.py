@@ -22,7 +22,7 @@ def test_default_layout_resumes_and_a_failed_report_keeps_the_finished_audit(ray
     def broken_report(*a, **k):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(summary_mod, "build_report", broken_report)
+    monkeypatch.setattr(summary_mod, "generate_report", broken_report)
     code = main(args)
     err = capsys.readouterr().err
     run, corpus = tmp_path / "dcam-runs" / "default", tmp_path / "dcam-runs" / "default-input"
@@ -54,12 +54,12 @@ def test_report_failure_and_gate_in_summary_unit(tmp_path):
                 results_status="complete")
     logs = []
     d = {"report": {"enabled": True, "fail_under": "obj_iou=0.5"}, "storage": {}}
-    orig = summary_mod.build_report
+    orig = summary_mod.generate_report
     try:
-        summary_mod.build_report = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("renderer broke"))
+        summary_mod.generate_report = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("renderer broke"))
         s = summary_mod.finish_run(run, d, dict(base), logs.append)
     finally:
-        summary_mod.build_report = orig
+        summary_mod.generate_report = orig
     assert (s["report_status"], s["exit_code"]) == ("failed", summary_mod.EXIT_GATE_FAILED)
     assert any(m.startswith("REPORT FAILED: RuntimeError: renderer broke") for m in logs)
     s = summary_mod.finish_run(run, {"report": {"enabled": False}}, dict(base), logs.append)

@@ -275,6 +275,38 @@ def test_coco(root):
     assert rows[1]["status"] == "error" and rows[1]["error_kind"] == "parse" and "category_id 9" in rows[1]["error"]
 
 
+def test_coco_directory_in_cocos_layout(root):
+    """input=<coco>/: the instances file is the shard (the captions JSON is not a second instances file),
+    images come from <coco>/<split>/; captions are used only when asked (source.coco_captions=auto)."""
+    url, opts = root
+    doc = {"images": [{"id": 5, "file_name": "000005.jpg", "height": 4, "width": 4}],
+           "categories": [{"id": 1, "name": "dog"}],
+           "annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [0, 0, 2, 2], "iscrowd": 0,
+                            "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]}]}
+    captions = {"images": doc["images"], "annotations": [{"id": 9, "image_id": 5, "caption": "a dog"}]}
+    put(f"{url}/coco/annotations/instances_val2017.json", json.dumps(doc).encode(), opts)
+    put(f"{url}/coco/annotations/captions_val2017.json", json.dumps(captions).encode(), opts)
+    put(f"{url}/coco/annotations/person_keypoints_val2017.json", json.dumps(captions).encode(), opts)
+    put(f"{url}/coco/val2017/000005.jpg", b"jpeg bytes", opts)
+    for given in (f"{url}/coco", f"{url}/coco/", f"{url}/coco/annotations"):
+        specs, rows = read_all(given, "auto", opts, {})
+        assert [s.url.rsplit("/", 1)[-1] for s in specs] == ["instances_val2017.json"], given
+        assert [(r["id"], r["status"], r["image_uri"], r["response"]) for r in rows] == \
+            [("5", "ok", f"{url}/coco/val2017/000005.jpg", None)]
+    _, rows = read_all(f"{url}/coco", "coco", opts, {"coco_captions": "auto"})
+    assert rows[0]["response"] == "a dog"
+    _, rows = read_all(f"{url}/coco", "coco", opts, {"coco_images": f"{url}/elsewhere"})
+    assert rows[0]["image_uri"] == f"{url}/elsewhere/000005.jpg"
+
+
+def test_coco_directory_without_an_instances_file_is_refused(root):
+    url, opts = root
+    put(f"{url}/caps/annotations/captions_val2017.json", b'{"images": [], "annotations": []}', opts)
+    with pytest.raises(SourceError, match=r"no COCO instances file .*found captions_val2017.json.*"
+                                          r"annotations/instances_<split>.json"):
+        list_shards(f"{url}/caps", "auto", opts)
+
+
 def test_coco_malformed_entries_become_error_rows(tmp_path):
     doc = {"images": [{"id": 1, "file_name": "a.png", "height": 4, "width": 4}, "not a dict",
                       {"id": 2, "file_name": "b.png"}, {"id": 3, "file_name": "c.png", "height": 4, "width": 4},
