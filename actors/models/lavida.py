@@ -102,7 +102,7 @@ class LavidaBackend(LladaFamilyBackend):
         self.last_trace: list[torch.Tensor] | None = None  # canvas read by each pass of the latest denoising
 
     def _attention_mask(self, valid, canvas_len):
-        return prefix_dlm_mask(valid, canvas_len, self.model.dtype)
+        return prefix_dlm_mask(valid, canvas_len)
 
     @property
     def steps_per_block(self) -> int:
@@ -124,9 +124,9 @@ class LavidaBackend(LladaFamilyBackend):
         T, L = valid.shape[1], self.response_len
         pos = positions(valid, L)
         cache = PrefixKV()
-        lm.run_layers(prefix, prefix_dlm_mask(valid, L, prefix.dtype, "prefix"), lm.rope(prefix, pos[:, :T]), cache=cache)
+        lm.run_layers(prefix, prefix_dlm_mask(valid, L, "prefix"), lm.rope(prefix, pos[:, :T]), cache=cache)
         cache.recording = False
-        return cache, prefix_dlm_mask(valid, L, prefix.dtype, "canvas"), lm.rope(prefix[:, :1].expand(-1, L, -1), pos[:, T:])
+        return cache, prefix_dlm_mask(valid, L, "canvas"), lm.rope(prefix[:, :1].expand(-1, L, -1), pos[:, T:])
 
     def cached_canvas_logits(self, context, canvas: torch.Tensor) -> torch.Tensor:
         """(B, L, V) logits of one canvas-only pass against the prefix cache."""

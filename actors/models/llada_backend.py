@@ -148,7 +148,7 @@ class LladaFamilyBackend(Backend):
 
     # -- attention (model-specific) ---------------------------------------------------------
     def _attention_mask(self, valid: torch.Tensor, canvas_len: int) -> torch.Tensor:
-        """(N, 1, T+L, T+L) additive mask of one full [prefix | canvas] pass."""
+        """Bool attention mask (True = may attend) of one full [prefix | canvas] pass, (N, 1, Q or 1, T+L)."""
         raise NotImplementedError
 
     # -- hooks ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ the causal mask replaced by an explicit 4-D additive mask, built here for every 
 
 * `padding_mask`: bidirectional, left-padding keys masked (LLaDA-V: the whole sequence is
   re-encoded at every denoising step);
+(both boolean, True = may attend; SDPA takes them as they are)
 * `prefix_dlm_mask`: LaViDa's prefix-DLM pattern: prefix queries (prompt + image) see only the
   prefix, canvas queries see prefix and canvas. Under it the prefix states do not depend on the
   canvas, which is what makes LaViDa's prefix KV cache exact.
@@ -176,17 +177,11 @@ def positions(valid: torch.Tensor, canvas_len: int = 0) -> torch.Tensor:
     return torch.cat([pre, can], dim=1)
 
 
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool (B, Q, K) -> additive (B, 1, Q, K): 0 where allowed, the dtype's minimum elsewhere (not -inf:
-    a padding query that sees nothing gets a finite uniform average, never NaN)."""
-    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def prefix_dlm_mask(valid: torch.Tensor, canvas_len: int, dtype: torch.dtype, queries: str = "all") -> torch.Tensor:
-    """LaViDa's prefix-DLM mask over [prefix (T) | canvas (L)]: every query sees the valid prefix keys;
-    canvas keys are seen by canvas queries only. queries: "all" (T+L query rows), "prefix" (T rows,
-    the KV-cache pass) or "canvas" (L rows, a cached denoising step)."""
+def prefix_dlm_mask(valid: torch.Tensor, canvas_len: int, queries: str = "all") -> torch.Tensor:
+    """LaViDa's prefix-DLM mask over [prefix (T) | canvas (L)], bool (B, 1, Q, K), True = may attend:
+    every query sees the valid prefix keys; canvas keys are seen by canvas queries only. queries:
+    "all" (T+L query rows), "prefix" (T rows, the KV-cache pass) or "canvas" (L rows, a cached step).
+    Every row sees at least the sample's valid prefix, so no softmax row is empty."""
     B, T = valid.shape
     keys = torch.cat([valid.bool(), torch.ones(B, canvas_len, dtype=torch.bool, device=valid.device)], 1)
     is_canvas_key = torch.arange(T + canvas_len, device=valid.device) >= T
@@ -195,12 +190,13 @@ def prefix_dlm_mask(valid: torch.Tensor, canvas_len: int, dtype: torch.dtype, qu
     allowed = keys[:, None, :] & ~(is_canvas_key[None, None, :] & (q[None, :, None] < T))
     if queries == "prefix":
         allowed = allowed[..., :T]
-    return _additive(allowed, dtype)
+    return allowed[:, None]
 
 
-def padding_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Fully bidirectional over the sequence (B, T), padding keys masked (LLaDA-V)."""
-    return _additive(valid.bool()[:, None, :].expand(-1, valid.shape[1], -1), dtype)
+def padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Fully bidirectional, padding keys masked (LLaDA-V): bool (B, 1, 1, K), broadcast over queries
+    (a key-padding mask lets SDPA use its fused kernels instead of a (Q, K) mask per sample)."""
+    return valid.bool()[:, None, None, :]
 
 
 # -- checkpoint key mapping -------------------------------------------------------------------------
