@@ -31,9 +31,6 @@ batch equals its samples run alone.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from dcam.actors.models.llada_backend import LladaFamilyBackend, top_k_lowest_first
@@ -174,10 +171,10 @@ class LavidaBackend(LladaFamilyBackend):
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_cfg: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "LavidaBackend":
+    def load(cls, model_cfg: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LavidaBackend:
         from dcam.actors.models.llada_checkpoint import load_multimodal
 
-        model, tok, local, source = load_multimodal(model_cfg, MODEL_TYPES, _build_from_config, REFERENCE_RULES,
+        model, tok, _, source = load_multimodal(model_cfg, MODEL_TYPES, _build_from_config, REFERENCE_RULES,
                                                     device, dtype, backend="lavida")
         opts = {k: model_cfg[k] for k in ("response_len", "block_length", "step_ratio", "shift", "temperature",
                                           "image_view") if model_cfg.get(k) is not None}

@@ -37,8 +37,7 @@ import torch
 
 from dcam.actors.models import anyres
 from dcam.actors.models.llada_lm import positions
-from dcam.actors.models.llada_mm import (IMAGE_TOKEN_INDEX, ImageBlock, LladaMultimodal, prompt_ids, special_ids,
-                                         to_pil)
+from dcam.actors.models.llada_mm import IMAGE_TOKEN_INDEX, ImageBlock, LladaMultimodal, prompt_ids, special_ids, to_pil
 from dcam.actors.models.protocol import (AttributionOutput, Backend, ImageSpan, PreparedBatch, SampleError,
                                          StructuralStateError)
 

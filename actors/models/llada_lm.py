@@ -71,7 +71,7 @@ class LladaLMConfig:
     max_position_embeddings: int = 8192
 
     @classmethod
-    def from_olmo(cls, c: dict) -> "LladaLMConfig":
+    def from_olmo(cls, c: dict) -> LladaLMConfig:
         """From LLaDA's OLMo-style config keys (LaViDa, MMaDA config.json)."""
         if c.get("block_type", "llama") != "llama" or c.get("activation_type", "silu") not in ("silu", "swiglu"):
             raise ValueError(f"unsupported LLaDA block: block_type={c.get('block_type')!r}, "
@@ -86,7 +86,7 @@ class LladaLMConfig:
                    max_position_embeddings=int(c.get("max_sequence_length", 8192)))
 
     @classmethod
-    def from_llama(cls, c: dict) -> "LladaLMConfig":
+    def from_llama(cls, c: dict) -> LladaLMConfig:
         """From HF-Llama-style config keys (LLaDA-V config.json)."""
         return cls(vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
                    intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
@@ -114,7 +114,7 @@ class PrefixKV:
             return k, v
         return torch.cat([self.keys[layer_idx], k], dim=-2), torch.cat([self.values[layer_idx], v], dim=-2)
 
-    def select(self, rows: torch.Tensor) -> "PrefixKV":
+    def select(self, rows: torch.Tensor) -> PrefixKV:
         """The cache of the given batch rows (one row may repeat)."""
         out = PrefixKV()
         out.keys = {i: k[rows] for i, k in self.keys.items()}

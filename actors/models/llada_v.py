@@ -153,10 +153,10 @@ class LladaVBackend(LladaFamilyBackend):
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_cfg: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "LladaVBackend":
+    def load(cls, model_cfg: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LladaVBackend:
         from dcam.actors.models.llada_checkpoint import load_multimodal
 
-        model, tok, local, source = load_multimodal(model_cfg, MODEL_TYPES, _build_from_config, REFERENCE_RULES,
+        model, tok, _, source = load_multimodal(model_cfg, MODEL_TYPES, _build_from_config, REFERENCE_RULES,
                                                     device, dtype, backend="llada_v")
         opts = {k: model_cfg[k] for k in ("response_len", "gen_steps", "block_length", "temperature", "image_view")
                 if model_cfg.get(k) is not None}

@@ -16,7 +16,7 @@ from dcam.actors import scenes
 from dcam.pipeline.synth import write_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "actors" / "models"))  # the LLaDA test helpers
-from llada_testing import lavida_config, llada_v_config, write_checkpoint  # noqa: E402
+from llada_testing import lavida_config, llada_v_config, write_checkpoint
 
 pytestmark = pytest.mark.slow
 

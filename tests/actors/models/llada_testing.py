@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from seeded_weights import seeded_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,7 +12,7 @@ import re
 import torch
 
 VERSION = "seeded_weights v1"
-NORM_WEIGHT = re.compile(r"(norm|ln_f|ln_\d|layernorm|layer_norm)[^.]*\.weight$", re.I)
+NORM_WEIGHT = re.compile(r"(norm|ln_f|ln_\d|layernorm|layer_norm)[^.]*\.weight$", re.IGNORECASE)
 
 
 def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ of the sizes up to ~1 Mpx (building the larger test images alone takes many seco
 import numpy as np
 import pytest
 import torch
-
 from llada_testing import fixture, reference_image
 
 from dcam.actors.models import anyres

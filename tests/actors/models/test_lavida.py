@@ -2,10 +2,11 @@
 trajectory and the prefix cache. The parity model is the fixtures' tiny random configuration with
 the seeded weights (real vocabulary and special ids, d_model 32, 2 blocks, a 2-layer SigLIP at
 384 px). Hooks, blanking, planted signal and loading: test_llada_family.py."""
+import ast
+
 import numpy as np
 import pytest
 import torch
-
 from llada_testing import (REAL_IDS, fixture, lavida_config, llada_tokenizer, load_reference_state, native_model,
                            reference_image, seeded_reference_state)
 from seeded_weights import seeded_weights
@@ -104,7 +105,7 @@ def test_commit_order_matches_the_reference_generate(parity, batch, k):
 def test_transfer_schedules_match_the_reference():
     for key, counts in GENERATE["transfer_schedules"].items():
         L, steps, schedule, kwargs = key.split(",", 3)
-        kw = eval(kwargs.split("=", 1)[1])  # noqa: S307 - our own fixture: None or a small dict literal
+        kw = ast.literal_eval(kwargs.split("=", 1)[1])  # None or a small dict literal
         sch = schedule.split("=")[1]
         got = transfer_counts(int(L.split("=")[1]), int(steps.split("=")[1]), None if sch == "None" else sch,
                               float((kw or {}).get("shift", 3)))

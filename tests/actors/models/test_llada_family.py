@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from llada_testing import lavida_config, llada_v_config, reference_image, write_checkpoint
 
 from dcam.actors.models import load_backend
@@ -146,7 +145,7 @@ def _plant(model):
         lm = model.lm
         lm.model.embed_tokens.weight[:, T] = 1.0
         for name, p in g.items():
-            if name.endswith("norm.weight") or ".layer_norm" in name or name.endswith("layernorm.weight"):
+            if name.endswith(("norm.weight", "layernorm.weight")) or ".layer_norm" in name:
                 p.fill_(1.0)
         attn = lm.layers[1].self_attn
         hd = attn.head_dim

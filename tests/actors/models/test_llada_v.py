@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from llada_testing import REAL_IDS, fixture, llada_tokenizer, load_reference_state, native_model, reference_image
 from seeded_weights import seeded_weights
 
