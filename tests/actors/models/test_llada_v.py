@@ -147,3 +147,26 @@ def test_forced_trajectory_commits_the_given_response(parity, batch):
         batch.given_ids = [None, None]
     assert gen.ids[0, :3].tolist() == [72, 105, EOT] and gen.ids[1, :4].tolist() == [65, 66, 67, EOT]
     assert (gen.commit_step[0, :3] >= 0).all() and (gen.commit_step[1, :4] >= 0).all()
+
+
+def test_image_block_values_match_the_reference_including_the_anyres_max_shrink(parity):
+    """Rows of the image block (every 97th) of the reference's merge for the anyres_max_4 sizes whose
+    grid is shrunk bilinearly (the logits fixture covers unshrunk grids), up to ~2 Mpx."""
+    from dcam.actors.models import anyres
+
+    table = fixture("llada_v_anyres.json")
+    checked = 0
+    for r in table["table"]:
+        w, h = r["width"], r["height"]
+        lay = parity.model.layout
+        tw, th = anyres.grid_shape((w, h), lay.pinpoints, lay.tile)
+        rs, cs = anyres.unpad_slices((w, h), th * 27, tw * 27)
+        if anyres.anyres_max_shrink(len(range(th * 27)[rs]), len(range(tw * 27)[cs]), 27, 4) is None or w * h > 2.1e6:
+            continue
+        views, tiles = anyres.anyres_views(anyres.Image.fromarray(reference_image(w, h, 3)), lay.pinpoints, lay.tile)
+        with torch.no_grad():
+            block = parity.model.merge(parity.model.view_features(torch.from_numpy(views)), (w, h), tiles).tokens
+        assert block.shape[0] == r["n_image_tokens"]
+        np.testing.assert_allclose(block[::97].double().sum(-1).numpy(), r["block_row_sums_every_97"], atol=2e-4)
+        checked += 1
+    assert checked >= 2
