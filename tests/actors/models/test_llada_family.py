@@ -199,3 +199,18 @@ def test_auto_map_is_accepted_for_the_native_model_type_only(tiny, tmp_path):
     swapped = "llada_v" if kind == "lavida" else "lavida"
     with pytest.raises(CheckpointError, match=f"model={swapped}|match no key rule"):
         _load(d, swapped)
+
+
+def test_loads_a_hub_id_from_the_local_hugging_face_cache(tiny, tmp_path):
+    """A snapshot already in the local HF cache (the layout huggingface_hub writes) is found by hub id; the hub
+    itself is never contacted."""
+    import shutil
+
+    kind, d, _ = tiny
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = tmp_path / "hub" / "models--acme--tiny-llada"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(d, base / "snapshots" / commit)
+    be = _load("acme/tiny-llada", kind, hf_cache_dir=str(tmp_path / "hub"))
+    assert be.model_id == "acme/tiny-llada" and be.model.lm.config.num_layers == 2
