@@ -225,10 +225,12 @@ def preflight_model(d: dict, so: dict) -> None:
 
         src = str(d["model"]["source"])  # a remote checkpoint uses the run's storage settings unless it has its own
         d["model"]["storage_options"] = fsspec_kwargs(scheme_of(src), so)
+    from dcam.actors.models import native_model_types
     from dcam.actors.models.loading import ALLOWED_SCHEMES, preflight
 
     preflight(source, bool(d["model"].get("trust_remote_code", False)), d["model"].get("storage_options"),
-              allowed_schemes=tuple(so.get("allowed_schemes") or ALLOWED_SCHEMES))
+              allowed_schemes=tuple(so.get("allowed_schemes") or ALLOWED_SCHEMES),
+              native_model_types=native_model_types(d["model"].get("backend")))
 
 
 def run_job(cfg, log=print) -> dict:

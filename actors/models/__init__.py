@@ -17,6 +17,16 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
             "float32": torch.float32, "fp32": torch.float32}[dtype]
 
 
+# model_types each native backend implements: their checkpoints' config.json may carry an auto_map
+# (pointing at the authors' modeling code), which dcam never imports (see loading.check_remote_code)
+NATIVE_MODEL_TYPES = {"lavida": ("llava_llada",), "llada_v": ("llava_llada",)}
+BACKENDS = ("tiny", "diffusion_gemma", "lavida", "llada_v")
+
+
+def native_model_types(backend: str | None) -> tuple[str, ...]:
+    return NATIVE_MODEL_TYPES.get(backend or "tiny", ())
+
+
 def load_backend(model_cfg: dict):
     """Backend for a `model` config node (see conf/model/*.yaml)."""
     kind = model_cfg.get("backend", "tiny")
@@ -38,4 +48,12 @@ def load_backend(model_cfg: dict):
         from dcam.actors.models.diffusion_gemma import DiffusionGemmaBackend
 
         return DiffusionGemmaBackend.load(model_cfg, device=device, dtype=resolve_dtype(model_cfg.get("dtype"), device))
-    raise ValueError(f"unknown model backend {kind!r} (known: tiny, diffusion_gemma)")
+    if kind == "lavida":
+        from dcam.actors.models.lavida import LavidaBackend
+
+        return LavidaBackend.load(model_cfg, device=device, dtype=resolve_dtype(model_cfg.get("dtype"), device))
+    if kind == "llada_v":
+        from dcam.actors.models.llada_v import LladaVBackend
+
+        return LladaVBackend.load(model_cfg, device=device, dtype=resolve_dtype(model_cfg.get("dtype"), device))
+    raise ValueError(f"unknown model backend {kind!r} (known: {', '.join(BACKENDS)})")

@@ -3,6 +3,9 @@ to a local cache, or a hub id resolved from the local Hugging Face cache only (n
 
 Remote code is never executed unless the caller passes trust_remote_code=True explicitly; a
 checkpoint whose config asks for it (an `auto_map` entry) is refused with a message that says so.
+One exemption: a native backend (LaViDa, LLaDA-V) declares the model_types it implements, and a
+checkpoint's config.json of such a type may carry an auto_map: dcam builds the model itself and
+never imports that code (`native_model_types`).
 """
 from __future__ import annotations
 
@@ -95,9 +98,24 @@ REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config
                        "image_processor_config.json", "video_preprocessor_config.json", "feature_extractor_config.json")
 
 
-def check_remote_code(local_dir: str, trust_remote_code: bool) -> None:
+def _auto_map_refusal(where: str, name: str, cfg, native_model_types: tuple[str, ...]) -> CheckpointError | None:
+    """The error for a config file that asks for remote code (`auto_map`), or None. The model config
+    (config.json) of a model_type a native backend implements is exempt: dcam builds that model
+    itself and never imports the checkpoint's code."""
+    if not (isinstance(cfg, dict) and cfg.get("auto_map")):
+        return None
+    if name == "config.json" and cfg.get("model_type") in native_model_types:
+        return None
+    auto_map = cfg["auto_map"]
+    keys = sorted(auto_map) if isinstance(auto_map, dict) else auto_map
+    return CheckpointError(f"checkpoint {where} declares custom code in {name} (auto_map: {keys}); dcam does not "
+                           "execute code from checkpoints unless model.trust_remote_code=true is set explicitly")
+
+
+def check_remote_code(local_dir: str, trust_remote_code: bool, native_model_types: tuple[str, ...] = ()) -> None:
     """Refuse a checkpoint that needs remote code unless trust_remote_code was set explicitly: an
-    `auto_map` entry in its model config or in any tokenizer / processor config."""
+    `auto_map` entry in its model config or in any tokenizer / processor config. `native_model_types`:
+    the model_types the chosen backend implements natively (their model config's auto_map is ignored)."""
     if trust_remote_code:
         return
     for name in REMOTE_CODE_CONFIGS:
@@ -109,25 +127,24 @@ def check_remote_code(local_dir: str, trust_remote_code: bool) -> None:
                 cfg = json.load(f)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {local_dir}: unreadable {name}: {type(e).__name__}") from None
-        if isinstance(cfg, dict) and cfg.get("auto_map"):
-            auto_map = cfg["auto_map"]
-            keys = sorted(auto_map) if isinstance(auto_map, dict) else auto_map
-            raise CheckpointError(
-                f"checkpoint {local_dir} declares custom code in {name} (auto_map: {keys}); dcam does not execute "
-                "code from checkpoints unless model.trust_remote_code=true is set explicitly")
+        err = _auto_map_refusal(local_dir, name, cfg, native_model_types)
+        if err is not None:
+            raise err
 
 
 def preflight(source: str | None, trust_remote_code: bool = False, storage_options: dict | None = None,
-              allowed_schemes=ALLOWED_SCHEMES) -> None:
+              allowed_schemes=ALLOWED_SCHEMES, native_model_types: tuple[str, ...] = ()) -> None:
     """Cheap checks in the driver before any worker starts: scheme allowed, checkpoint present,
-    no remote code unless allowed. Reads config.json only (never copies the weights)."""
+    no remote code unless allowed (`native_model_types`: see check_remote_code). Reads the small
+    config files only (never copies the weights)."""
     if not source:
         return
     scheme = _scheme(source)
     if scheme not in allowed_schemes:
         raise CheckpointError(f"model source scheme {scheme!r} is not allowed (allowed: {list(allowed_schemes)})")
     if scheme == "hf":  # the local HF cache only: fsspec's hf:// would contact the hub
-        check_remote_code(resolve_checkpoint(source, allowed_schemes=allowed_schemes), trust_remote_code)
+        check_remote_code(resolve_checkpoint(source, allowed_schemes=allowed_schemes), trust_remote_code,
+                          native_model_types)
         return
     if scheme in ("file", "local"):
         path = source.split("://", 1)[-1]
@@ -137,7 +154,7 @@ def preflight(source: str | None, trust_remote_code: bool = False, storage_optio
             raise CheckpointError(f"checkpoint directory not found: {path}")
         if not os.path.exists(os.path.join(path, "config.json")):
             raise CheckpointError(f"no config.json in checkpoint directory {path}")
-        check_remote_code(path, trust_remote_code)
+        check_remote_code(path, trust_remote_code, native_model_types)
         return
     fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
     cfg_path = root.rstrip("/") + "/config.json"
@@ -153,6 +170,6 @@ def preflight(source: str | None, trust_remote_code: bool = False, storage_optio
             cfg = json.loads(fs.cat_file(path))
         except ValueError as e:
             raise CheckpointError(f"checkpoint {source}: unreadable {name}: {type(e).__name__}") from None
-        if isinstance(cfg, dict) and cfg.get("auto_map"):
-            raise CheckpointError(f"checkpoint {source} declares custom code in {name} (auto_map); dcam does not "
-                                  "execute code from checkpoints unless model.trust_remote_code=true is set explicitly")
+        err = _auto_map_refusal(source, name, cfg, native_model_types)
+        if err is not None:
+            raise err

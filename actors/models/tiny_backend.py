@@ -8,7 +8,15 @@ import torch
 from PIL import Image
 
 from dcam.actors import scenes
-from dcam.actors.models.protocol import AttributionOutput, Backend, Generation, ImageSpan, PreparedBatch, SampleError
+from dcam.actors.models.protocol import (
+    AttributionOutput,
+    Backend,
+    Generation,
+    ImageSpan,
+    PreparedBatch,
+    SampleError,
+    StructuralStateError,
+)
 from dcam.actors.models.tiny_dmllm import TinyDMLLM, UnknownWordError, WordTokenizer, denoise, normalise_pixels
 
 SHIPPED_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "tiny")
@@ -150,7 +158,26 @@ class TinyBackend(Backend):
             batch.cache["image_features"] = (self.model, feats)
         return feats
 
+    def reaches_canvas(self, hook: str) -> bool:
+        """Whether image states at this hook can change the canvas logits: only through the keys and
+        values of a later block (computed from its ln1 input), so nothing after the last block's
+        attention input does (its out / ln2 / attn / mlp and final_norm)."""
+        if hook in ("embed",):
+            return True
+        if hook == "final_norm":
+            return False
+        _, i, part = hook.split(".")
+        return part in ("in", "ln1") or int(i) < self.model.config.n_layers - 1
+
     def attribution_forward(self, batch, rows, canvas, hooks, image_keep=None):
+        for h in hooks:
+            self.hook_stream(h)  # KeyError for unknown names
+        dead = [h for h in hooks if not self.reaches_canvas(h)] if torch.is_grad_enabled() else []
+        if dead:
+            raise StructuralStateError(
+                f"hook(s) {dead}: the canvas logits read image states only through the keys and values of each "
+                f"block, so states after the last block's attention input never reach them (identically zero "
+                f"gradient); hook blocks.<i>.out with i < {self.model.config.n_layers - 1}")
         m = self.model
         pixels = batch.inputs["pixel_values"][rows]
         prompt_ids = batch.inputs["prompt_ids"][rows]

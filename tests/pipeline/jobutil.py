@@ -1,6 +1,7 @@
 """Helpers shared by the job-level tests (not a test module)."""
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.dataset as pads
 
 from dcam.pipeline.config import load_config
@@ -26,3 +27,20 @@ def _keys(t):
                       t["token_index"].to_pylist(), t["step"].to_pylist()), key=str)
 
 
+
+
+def _upload(directory, bucket, prefix):
+    """Copy a local checkpoint directory (flat) to s3://bucket/prefix; returns the URL."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **{k: bucket.storage_options[k] for k in ("key", "secret", "endpoint_url")})
+    for f in directory.iterdir():
+        fs.put_file(str(f), f"{bucket.name}/{prefix}/{f.name}")
+    return f"{bucket.url}/{prefix}"
+
+
+def _maps(t):
+    """The maps of a results table in a fixed row order."""
+    order = np.argsort([str(k) for k in zip(t["row_index"].to_pylist(), t["token_index"].to_pylist(),
+                                             t["method"].to_pylist(), t["step"].to_pylist())])
+    return [np.asarray(t["map"][int(i)].as_py(), np.float32) for i in order]

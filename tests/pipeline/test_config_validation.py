@@ -12,7 +12,10 @@ import pytest
 
 from dcam.pipeline.cli import main
 from dcam.pipeline.config import ConfigError, config_hash, hashed_view, load_config
+from dcam.conf import CONF_DIR
 from dcam.pipeline.config_schema import MODEL_SCHEMAS
+
+KNOWN_MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +58,7 @@ MALFORMED = [
     (["methods.m.probe.contrast=max"], "methods.m.probe.contrast = 'max': must be one of"),
     (["report.fail_under=obj_io=0.3"], "report.fail_under = 'obj_io=0.3': allowed: metric=value pairs"),
     (["report.fail_under=map_top10=0.5", "report.enabled=false"], "only the report computes"),
-    (["model=nope"], "model=nope: no conf/model/nope.yaml; known: diffusion_gemma, tiny"),
+    (["model=nope"], "model=nope: no conf/model/nope.yaml; known: " + ", ".join(KNOWN_MODELS)),
     (["model.backend=nonesuch"], "model.backend = 'nonesuch': no schema for this backend"),
     (["probe.batch_size"], "overrides must look like key=value"),
 ]

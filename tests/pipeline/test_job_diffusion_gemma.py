@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-from jobutil import FAST, _keys, _results, _run
+from jobutil import FAST, _keys, _maps, _results, _run, _upload
 
 from dcam.actors import scenes
 from dcam.actors.models.diffusion_gemma import tiny_config
@@ -28,21 +28,6 @@ def dg_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     DiffusionGemmaForBlockDiffusion(tiny_config()).eval().save_pretrained(str(d))
     return d
-
-
-def _upload(directory, bucket, prefix):
-    import fsspec
-
-    fs = fsspec.filesystem("s3", **{k: bucket.storage_options[k] for k in ("key", "secret", "endpoint_url")})
-    for f in directory.iterdir():
-        fs.put_file(str(f), f"{bucket.name}/{prefix}/{f.name}")
-    return f"{bucket.url}/{prefix}"
-
-
-def _maps(t):
-    order = np.argsort([str(k) for k in zip(t["row_index"].to_pylist(), t["token_index"].to_pylist(),
-                                             t["method"].to_pylist(), t["step"].to_pylist())])
-    return [np.asarray(t["map"][int(i)].as_py(), np.float32) for i in order]
 
 
 def test_run_diffusion_gemma_from_local_dir_and_s3_prefix(ray_local, tmp_path, s3_bucket, dg_ckpt):

@@ -123,6 +123,39 @@ def test_remote_code_is_refused_unless_trusted(tmp_path, name):
     check_remote_code(str(ck), trust_remote_code=True)
 
 
+def test_native_model_types_exempt_only_their_model_config(tmp_path, s3_bucket):
+    """A native backend's model_type may carry an auto_map in config.json (never imported); the same
+    auto_map under another model_type, or in a tokenizer config, is still refused."""
+    import fsspec
+
+    from dcam.actors.models import native_model_types
+
+    native = native_model_types("lavida")
+    assert native == ("llava_llada",) and native_model_types("tiny") == () and native_model_types(None) == ()
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"model_type": "llava_llada", "auto_map": {"AutoModel": "m.M"}}))
+    check_remote_code(str(ck), trust_remote_code=False, native_model_types=native)
+    preflight(str(ck), native_model_types=native)
+    with pytest.raises(CheckpointError, match="custom code in config.json"):
+        check_remote_code(str(ck), trust_remote_code=False)
+    with pytest.raises(CheckpointError, match="custom code in config.json"):
+        preflight(str(ck))
+    fs = fsspec.filesystem("s3", **{k: s3_bucket.storage_options[k] for k in ("key", "secret", "endpoint_url")})
+    fs.pipe({f"{s3_bucket.name}/n/config.json": (ck / "config.json").read_bytes()})
+    opts = {k: s3_bucket.storage_options[k] for k in ("key", "secret", "endpoint_url")}
+    preflight(f"{s3_bucket.url}/n", storage_options=opts, native_model_types=native)
+    with pytest.raises(CheckpointError, match="custom code in config.json"):
+        preflight(f"{s3_bucket.url}/n", storage_options=opts)
+    (ck / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["t.T", None]}}))
+    with pytest.raises(CheckpointError, match="custom code in tokenizer_config.json"):
+        check_remote_code(str(ck), trust_remote_code=False, native_model_types=native)
+    (ck / "config.json").write_text(json.dumps({"model_type": "other", "auto_map": {"AutoModel": "m.M"}}))
+    (ck / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError, match="custom code in config.json"):
+        check_remote_code(str(ck), trust_remote_code=False, native_model_types=native)
+
+
 def test_remote_code_check_passes_plain_checkpoints_and_rejects_unreadable_configs(tmp_path):
     check_remote_code(str(_ckpt(tmp_path / "plain")), trust_remote_code=False)
     check_remote_code(str(tmp_path), trust_remote_code=False)  # no config at all: nothing to refuse

@@ -108,3 +108,20 @@ def test_targets_are_content_words_and_unknown_words_error(random_backend):
     res = explain_batch(random_backend, [items[0].image], ["describe the image"], {"m": ProbeConfig(faithfulness_steps=0)},
                         responses=[items[0].caption], words=[[absent]])
     assert res[0].error is not None and res[0].error.kind == "target" and absent in str(res[0].error)
+
+
+@pytest.mark.parametrize("hook", ["blocks.3.out", "blocks.3.mlp", "blocks.3.ln2", "blocks.3.attn", "final_norm"])
+def test_tiny_states_after_the_last_keys_and_values_are_refused_for_gradients(random_backend, hook):
+    """The canvas reads image states only through each block's K/V: after the last block's attention
+    input their gradient is identically zero, so a gradient map is refused, never all-zero; a
+    forward-only read (TAM's final_norm) still works."""
+    item = scenes.make_scenes(33, 0, 1)[0]
+    batch, _ = random_backend.prepare([item.image], [item.prompt], [item.caption])
+    canvas = torch.full((1, random_backend.response_len), random_backend.mask_id)
+    with pytest.raises(StructuralStateError, match="never reach"):
+        random_backend.attribution_forward(batch, torch.tensor([0]), canvas, [hook])
+    with torch.no_grad():
+        assert hook in random_backend.attribution_forward(batch, torch.tensor([0]), canvas, [hook]).activations
+    out = random_backend.attribution_forward(batch, torch.tensor([0]), canvas, ["blocks.3.ln1"])
+    g = torch.autograd.grad(out.logits[0, 0].logsumexp(-1), out.activations["blocks.3.ln1"])[0]
+    assert g[0, torch.as_tensor(batch.spans[0].positions().reshape(-1))].abs().sum() > 0
