@@ -75,20 +75,24 @@ class RefineScoreStage:
         mask = _mask(batch, i)
         objects = _objects(batch, i)
         thumbs = self._thumbnails(batch, i, mask)
+        named = word_objects(response_tokens(payload), objects)
         rows = []
         for name, maps in payload["maps"].items():
             refine_label = self.refine_for(name, payload["eos_id"]).label()
             for m, fine in zip(maps, refined.get(name, [])):
-                rows.append(self._record(base, payload, name, refine_label, m, fine, mask, objects))
+                rows.append(self._record(base, payload, name, refine_label, m, fine, mask, named))
         if not rows:  # nothing to explain (e.g. no content word): still account for the sample
             rows.append(dict(base, status="ok", response=payload["response"], response_source=payload["response_source"],
                              notes=(base["notes"] + ";no_explained_tokens").lstrip(";")))
         rows[0].update(thumbs)
         return rows
 
-    def _record(self, base, payload, name, refine_label, m, fine, mask, objects) -> dict:
+    def _record(self, base, payload, name, refine_label, m, fine, mask, named: dict) -> dict:
+        """One output row; named: response position -> object (word_objects)."""
         meta = payload["methods"][name]
-        obj = object_for_token(payload["response_ids"], m["position"], m["token"], objects)
+        obj = named.get(int(m["position"]))
+        if int(m["position"]) in named and obj is None:  # a wrong word: recorded, scored against no object
+            base = dict(base, notes=(base["notes"] + ";" + PHRASE_NAMES_NO_OBJECT).lstrip(";"))
         rec = dict(base, status="ok", error=None, error_kind=None, response=payload["response"],
                    response_source=payload["response_source"], token=m["token"], token_index=int(m["position"]),
                    word_type=m.get("word_type"), object_id=None if obj is None else int(obj["id"]),
@@ -119,17 +123,71 @@ class RefineScoreStage:
         return out
 
 
-def object_for_token(response_ids: list[int], position: int, token: str, objects: list[dict] | None) -> dict | None:
-    """The object a response word names: among objects whose `words` contain it, the k-th for
-    the k-th occurrence of the word in the response (objects are listed in mention order, as
-    dcam synth and COCO-style captions with one phrase per object do). None when no object
-    lists the word, or when there are fewer candidates than occurrences (ambiguous)."""
+PHRASE_NAMES_NO_OBJECT = "phrase_names_no_object"  # note on a row whose word's phrase names no listed object
+
+
+def normalised_word(token: str) -> str:
+    """A token as an object word: lower case, surrounding whitespace and punctuation removed."""
+    return token.strip().strip(".,;:!?\"'()[]").lower()
+
+
+def response_phrases(tokens: list[str], objects: list[dict]) -> list[list[int]]:
+    """The object phrases of a response: maximal runs of consecutive tokens each of which is a
+    word some object lists (its `words`); any other token (articles, "and", punctuation, words
+    no object lists) ends a phrase. "a green square and a blue square" -> [[1, 2], [5, 6]]."""
+    vocabulary = {str(w).lower() for o in objects for w in o.get("words", [])}
+    phrases: list[list[int]] = []
+    current: list[int] = []
+    for p, t in enumerate(tokens):
+        if normalised_word(t) in vocabulary:
+            current.append(p)
+        elif current:
+            phrases.append(current)
+            current = []
+    return phrases + [current] if current else phrases
+
+
+def phrase_objects(tokens: list[str], objects: list[dict]) -> list[tuple[list[int], dict | None]]:
+    """(token positions, named object or None) of every object phrase (METHOD.md §5.2).
+
+    A phrase names an object when the object's `words` contain every word of the phrase. Objects
+    are listed in caption order (dcam synth: the caption's order), so first the k-th phrase gets
+    the k-th object when that object is named by it; then each remaining phrase, in response
+    order, gets the first object (in list order) that it names and no phrase has got yet (a
+    phrase out of caption order, or a source such as COCO whose objects are in annotation
+    order). A phrase left over names no object: its words are wrong words, scored against none.
+    """
+    phrases = response_phrases(tokens, objects)
+    words = [{str(w).lower() for w in o.get("words", [])} for o in objects]
+    names = [[k for k, ws in enumerate(words) if {normalised_word(tokens[p]) for p in ph} <= ws] for ph in phrases]
+    got: list[int | None] = [j if j in names[j] else None for j in range(len(phrases))]
+    taken = {k for k in got if k is not None}
+    for j, candidates in enumerate(names):
+        if got[j] is None:
+            got[j] = next((k for k in candidates if k not in taken), None)
+            taken.add(got[j] if got[j] is not None else -1)
+    return [(ph, None if k is None else objects[k]) for ph, k in zip(phrases, got)]
+
+
+def word_objects(tokens: list[str], objects: list[dict] | None) -> dict[int, dict | None]:
+    """Response position -> the object its word names (None: its phrase names no object) for
+    every token inside an object phrase; positions outside every phrase are absent."""
     if not objects:
-        return None
-    word = token.strip().lower()
-    candidates = [o for o in objects if word in [str(w).lower() for w in o.get("words", [])]]
-    rank = sum(1 for p in range(position) if p < len(response_ids) and response_ids[p] == response_ids[position])
-    return candidates[rank] if rank < len(candidates) else None
+        return {}
+    return {p: obj for ph, obj in phrase_objects(tokens, objects) for p in ph}
+
+
+def response_tokens(payload: dict) -> list[str]:
+    """The response's token strings. Payloads from ProbeActor carry them all; otherwise only the
+    explained tokens are known and every other position counts as a phrase boundary."""
+    if payload.get("response_tokens") is not None:
+        return list(payload["response_tokens"])
+    tokens = [""] * len(payload["response_ids"])
+    for maps in payload["maps"].values():
+        for m in maps:
+            if 0 <= int(m["position"]) < len(tokens):
+                tokens[int(m["position"])] = m["token"]
+    return tokens
 
 
 def layer_of(hook: str) -> int | None:
