@@ -103,9 +103,8 @@ class RefineScoreStage:
                    raw_map=m["raw_map"].astype(np.float32).ravel(), target_prob=m["target_prob"],
                    deletion_auc=finite_or_none(m["deletion_auc"]), insertion_auc=finite_or_none(m["insertion_auc"]))
         scores = dict.fromkeys(LOCALISATION_SCORES)
-        if mask is not None and obj is not None:
-            cell = mask.shape[0] / fine.shape[0]
-            scores.update({k: finite_or_none(v) for k, v in score_map(fine, mask, int(obj["id"]), cell).items() if k in LOCALISATION_SCORES})
+        if mask is not None and obj is not None:  # tolerant pointing radius: scores.token_cell_px / 2
+            scores.update({k: finite_or_none(v) for k, v in score_map(fine, mask, int(obj["id"])).items() if k in LOCALISATION_SCORES})
         rec.update(scores)
         return rec
 

@@ -99,3 +99,25 @@ def test_payload_without_token_strings_aligns_on_the_explained_tokens():
     rows = stage_rows(tokens, objects, mask, {2: peak_on(mask, 1), 6: peak_on(mask, 3), 10: peak_on(mask, 3)},
                       with_tokens=False)
     assert [r["object_id"] for r in sorted(rows, key=lambda r: r["token_index"])] == [1, None, 3]
+
+
+# ----------------------------------------------------------------------------- issue 13 defect 4
+
+def test_tolerant_pointing_on_a_non_square_image_uses_the_one_radius_rule():
+    """64 x 128 image, 4 x 4 grid: cells are 16 x 32 px, the radius is max(16, 32) / 2 = 16 px.
+    The map's peak (pixel (23, 47)) is 12 px right of the object (columns 0..35): inside 16 px,
+    outside the 8 px that the old pipeline rule (mask height / map height) gave."""
+    from dcam.actors.scores import score_map, token_cell_px
+
+    mask = np.zeros((64, 128), np.uint8)
+    mask[:, :36] = 1
+    m = np.zeros((4, 4), np.float32)
+    m[1, 1] = 1.0
+    assert token_cell_px(mask.shape, m.shape) == 32.0
+    row = stage_rows(["a", "green", "square"], [obj(1, "green", "square")], mask, {2: m})[0]
+    assert row["object_id"] == 1 and row["pointing"] == 0.0
+    assert row["pointing_tol"] == 1.0
+    assert row["pointing_tol"] == score_map(m, mask, 1)["pointing_tol"]  # same rule as the library default
+    assert score_map(m, mask, 1, grid_cell_px=16.0)["pointing_tol"] == 0.0  # the old rule's radius misses
+    tall = stage_rows(["a", "green", "square"], [obj(1, "green", "square")], mask.T.copy(), {2: m.T.copy()})[0]
+    assert tall["pointing_tol"] == 1.0  # transposed image: same answer whichever side is longer
