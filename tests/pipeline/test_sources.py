@@ -127,6 +127,49 @@ def test_webdataset(root):
     assert rows[4]["image"] is None and "first seen at row_index 0" in rows[4]["error"]
 
 
+
+def img2dataset_side_parquet(keys: list[str], statuses: list[str], errors: list) -> bytes:
+    """The parquet img2dataset writes beside each tar (its column layout, trimmed of size/exif columns)."""
+    n = len(keys)
+    return parquet_bytes(pa.table({
+        "url": [f"https://example.invalid/{k}.jpg" for k in keys], "caption": [f"caption {k}" for k in keys],
+        "key": keys, "status": statuses, "error_message": errors, "width": [8 if s == "success" else None for s in statuses],
+        "height": [6 if s == "success" else None for s in statuses], "original_width": [None] * n,
+        "original_height": [None] * n, "exif": [None] * n, "sha256": [None] * n}))
+
+
+def test_webdataset_side_parquet_failed_downloads_become_error_rows(root):
+    """Issue 13 defect 10: img2dataset's tar output records failed URLs only in the side parquet; each one
+    is an error row (kind source_status, the parquet format's wording), counted by count_rows (the
+    manifest's row count), after the tar's samples."""
+    url, opts = root
+    members = []
+    for key in ("000000000", "000000002"):
+        members += [(f"{key}.jpg", png(int(key))), (f"{key}.txt", f"caption {key}".encode()),
+                    (f"{key}.json", json.dumps({"key": key, "status": "success"}).encode())]
+    put(f"{url}/00000.tar", webdataset_tar(members), opts)
+    put(f"{url}/00000.parquet", img2dataset_side_parquet(
+        ["000000000", "000000001", "000000002", "000000003"],
+        ["success", "failed_to_download", "success", "failed_to_resize"],
+        [None, "HTTP Error 404: Not Found", None, "image too small"]), opts)
+    put(f"{url}/00000_stats.json", b"{}", opts)
+    put(f"{url}/00001.tar", webdataset_tar(members[:3]), opts)  # a tar without a side parquet: no extra rows
+    specs, rows = read_all(url, "auto", opts)
+    assert [s.format for s in specs] == ["webdataset", "webdataset"]
+    first = [r for r in rows if r["shard"] == specs[0].url]
+    assert [(r["id"], r["status"], r["error_kind"]) for r in first] == [
+        ("000000000", "ok", None), ("000000002", "ok", None),
+        ("000000001", "error", "source_status"), ("000000003", "error", "source_status")]
+    assert first[2]["error"] == "img2dataset status 'failed_to_download': HTTP Error 404: Not Found"
+    assert first[3]["error"] == "img2dataset status 'failed_to_resize': image too small"
+    assert first[2]["image"] is None and first[2]["image_uri"] == "https://example.invalid/000000001.jpg"
+    assert len([r for r in rows if r["shard"] == specs[1].url]) == 1
+    # the same failure reads the same as from img2dataset's parquet output format
+    put(f"{url}/p/00000.parquet", img2dataset_side_parquet(["000000001"], ["failed_to_download"],
+                                                           ["HTTP Error 404: Not Found"]), opts)
+    _, prow = read_all(f"{url}/p", "img2dataset_parquet", opts)
+    assert (prow[0]["error"], prow[0]["error_kind"]) == (first[2]["error"], first[2]["error_kind"])
+
 def test_img2dataset_parquet(root):
     url, opts = root
     t = pa.table({"url": ["https://example.invalid/a.jpg", "https://example.invalid/b.jpg", "https://x.invalid/c"],
