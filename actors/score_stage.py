@@ -92,7 +92,7 @@ class RefineScoreStage:
         meta = payload["methods"][name]
         obj = named.get(int(m["position"]))
         if int(m["position"]) in named and obj is None:  # a wrong word: recorded, scored against no object
-            base = dict(base, notes=(base["notes"] + ";" + PHRASE_NAMES_NO_OBJECT).lstrip(";"))
+            base = dict(base, notes=(base["notes"] + ";" + WRONG_WORD).lstrip(";"))
         rec = dict(base, status="ok", error=None, error_kind=None, response=payload["response"],
                    response_source=payload["response_source"], token=m["token"], token_index=int(m["position"]),
                    word_type=m.get("word_type"), object_id=None if obj is None else int(obj["id"]),
@@ -122,7 +122,7 @@ class RefineScoreStage:
         return out
 
 
-PHRASE_NAMES_NO_OBJECT = "phrase_names_no_object"  # note on a row whose word's phrase names no listed object
+WRONG_WORD = "wrong_word"  # note on a row whose word its aligned object does not list (scored against none)
 
 
 def normalised_word(token: str) -> str:
@@ -147,14 +147,16 @@ def response_phrases(tokens: list[str], objects: list[dict]) -> list[list[int]]:
 
 
 def phrase_objects(tokens: list[str], objects: list[dict]) -> list[tuple[list[int], dict | None]]:
-    """(token positions, named object or None) of every object phrase (METHOD.md §5.2).
+    """(token positions, aligned object or None) of every object phrase (METHOD.md §5.2).
 
-    A phrase names an object when the object's `words` contain every word of the phrase. Objects
-    are listed in caption order (dcam synth: the caption's order), so first the k-th phrase gets
-    the k-th object when that object is named by it; then each remaining phrase, in response
-    order, gets the first object (in list order) that it names and no phrase has got yet (a
-    phrase out of caption order, or a source such as COCO whose objects are in annotation
-    order). A phrase left over names no object: its words are wrong words, scored against none.
+    A phrase *names* an object when the object's `words` contain every word of the phrase. Objects
+    are listed in caption order (dcam synth: the caption's order). In turn:
+    1. the k-th phrase gets the k-th object when it names it (caption order);
+    2. each phrase still without one, in response order, gets the first object (in list order) that
+       it names and no phrase has got (a phrase out of caption order, or a source such as COCO whose
+       objects are in annotation order);
+    3. a phrase still without one gets the k-th object by position if no phrase has got it (its
+       words that object does not list are wrong words, see word_objects); else none.
     """
     phrases = response_phrases(tokens, objects)
     words = [{str(w).lower() for w in o.get("words", [])} for o in objects]
@@ -165,15 +167,24 @@ def phrase_objects(tokens: list[str], objects: list[dict]) -> list[tuple[list[in
         if got[j] is None:
             got[j] = next((k for k in candidates if k not in taken), None)
             taken.add(got[j] if got[j] is not None else -1)
+    for j in range(len(phrases)):
+        if got[j] is None and j < len(objects) and j not in taken:
+            got[j] = j
+            taken.add(j)
     return [(ph, None if k is None else objects[k]) for ph, k in zip(phrases, got)]
 
 
 def word_objects(tokens: list[str], objects: list[dict] | None) -> dict[int, dict | None]:
-    """Response position -> the object its word names (None: its phrase names no object) for
-    every token inside an object phrase; positions outside every phrase are absent."""
+    """Response position -> the object its word names, for every token inside an object phrase: the
+    phrase's aligned object when that object lists the word, else None (a wrong word: "square" in the
+    place of a triangle). Positions outside every phrase are absent."""
     if not objects:
         return {}
-    return {p: obj for ph, obj in phrase_objects(tokens, objects) for p in ph}
+    out: dict[int, dict | None] = {}
+    for ph, obj in phrase_objects(tokens, objects):
+        listed = set() if obj is None else {str(w).lower() for w in obj.get("words", [])}
+        out.update({p: obj if normalised_word(tokens[p]) in listed else None for p in ph})
+    return out
 
 
 def response_tokens(payload: dict) -> list[str]:

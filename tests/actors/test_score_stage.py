@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 
-from dcam.actors.score_stage import PHRASE_NAMES_NO_OBJECT, RefineScoreStage, phrase_objects, response_phrases
+from dcam.actors.score_stage import WRONG_WORD, RefineScoreStage, phrase_objects, response_phrases, word_objects
 
 METHOD = {"m": {"preset": "diffusion_cam_raw"}}  # no refinement: the row's map is the raw map
 
@@ -59,32 +59,49 @@ def peak_on(mask: np.ndarray, k: int, grid=(4, 12)) -> np.ndarray:
 
 def test_a_wrong_word_is_not_scored_against_the_next_object_and_the_next_word_keeps_its_object():
     """'a green square and a green square and a blue square' for a green square, a green triangle
-    and a blue square: the second "square" (wrong) names no listed object; the third (right) is
-    scored against the blue square. Old rule (k-th occurrence -> k-th candidate): 1, 3, None."""
+    and a blue square: the second "square" (in the triangle's place) is a wrong word, scored against
+    no object; the third (right) is scored against the blue square. Old rule (k-th occurrence ->
+    k-th candidate): 1, 3, None."""
     mask, objects = three_object_scene()
     tokens = "a green square and a green square and a blue square".split()
     rows = stage_rows(tokens, objects, mask, {2: peak_on(mask, 1), 6: peak_on(mask, 3), 10: peak_on(mask, 3)})
     by_pos = {r["token_index"]: r for r in rows}
     assert [by_pos[p]["object_id"] for p in (2, 6, 10)] == [1, None, 3]
     assert by_pos[6]["obj_iou"] is None and by_pos[6]["pointing"] is None  # a wrong word is not scored
-    assert PHRASE_NAMES_NO_OBJECT in by_pos[6]["notes"] and PHRASE_NAMES_NO_OBJECT not in by_pos[10]["notes"]
+    assert WRONG_WORD in by_pos[6]["notes"] and WRONG_WORD not in by_pos[10]["notes"]
     assert by_pos[10]["pointing"] == 1.0 and by_pos[10]["wrong_object"] == 0.0
     assert by_pos[2]["pointing"] == 1.0
 
 
+def words(response: str, objects: list[dict]) -> list:
+    """Object id (or None) of every word inside an object phrase, in response order."""
+    got = word_objects(response.split(), objects)
+    return [None if got[p] is None else got[p]["id"] for p in sorted(got)]
+
+
 def test_phrases_follow_caption_order_then_the_object_they_name():
     _, objects = three_object_scene()
-    ids = lambda toks: [None if o is None else o["id"] for _, o in phrase_objects(toks.split(), objects)]  # noqa: E731
     assert response_phrases("a green square and a blue square .".split(), objects) == [[1, 2], [5, 6]]
-    assert ids("a green square and a green triangle and a blue square") == [1, 2, 3]
-    assert ids("a green square and a green square and a blue square") == [1, None, 3]
-    assert ids("a blue square and a green square and a green triangle") == [3, 1, 2]  # out of order: named object
-    assert ids("a green and a green and a blue") == [1, 2, 3]  # partial phrases, caption order
-    assert ids("a green triangle and a green triangle") == [None, 2]  # one triangle, the 2nd in caption order
-    assert ids("a green triangle and a blue square and a green triangle") == [2, 3, None]
-    # the positional object wins over an earlier phrase naming it out of order
+    assert words("a green square and a green triangle and a blue square", objects) == [1, 1, 2, 2, 3, 3]
+    # the issue's example: phrase 2 sits in the triangle's place; its "green" is right, its "square" wrong
+    assert words("a green square and a green square and a blue square", objects) == [1, 1, 2, None, 3, 3]
+    # out of caption order, every phrase still names an object: each word gets the object it names
+    assert words("a blue square and a green square and a green triangle", objects) == [3, 3, 1, 1, 2, 2]
+    assert words("a green and a green and a blue", objects) == [1, 2, 3]  # partial phrases, caption order
+    # one triangle, named in the 2nd place: the 1st phrase falls back to the 1st object, whose shape differs
+    assert words("a green triangle and a green triangle", objects) == [1, None, 2, 2]
+    # a phrase beyond the last object names none
+    assert words("a green square and a green triangle and a blue square and a blue square", objects) == \
+        [1, 1, 2, 2, 3, 3, None, None]
     two = [obj(1, "blue", "square"), obj(2, "green", "square")]
-    assert [o and o["id"] for _, o in phrase_objects("a green square and a green square".split(), two)] == [None, 2]
+    assert words("a green square and a green square", two) == [None, 1, 2, 2]  # caption order beats naming
+    assert [o["id"] for _, o in phrase_objects("a green square and a blue square".split(), two)] == [2, 1]
+
+
+def test_coco_style_objects_in_annotation_order_are_found_by_name():
+    """COCO lists objects in annotation order, not in the caption's: each phrase finds the object it names."""
+    objects = [{"id": 1, "words": ["cat"]}, {"id": 2, "words": ["dog"]}, {"id": 3, "words": ["traffic", "light"]}]
+    assert words("a dog chasing a cat near a traffic light", objects) == [2, 1, 3, 3]
 
 
 def test_punctuation_and_case_and_subword_spaces_are_ignored():
