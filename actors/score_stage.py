@@ -166,7 +166,7 @@ def phrase_objects(tokens: list[str], objects: list[dict]) -> list[tuple[list[in
     for j, candidates in enumerate(names):
         if got[j] is None:
             got[j] = next((k for k in candidates if k not in taken), None)
-            taken.add(got[j] if got[j] is not None else -1)
+            taken |= {got[j]} - {None}
     for j in range(len(phrases)):
         if got[j] is None and j < len(objects) and j not in taken:
             got[j] = j
