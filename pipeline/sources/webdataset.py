@@ -5,7 +5,8 @@ img2dataset writes a side parquet beside each tar (same stem: 00000.tar + 00000.
 per URL it tried (key, url, caption, status, error_message, ...); the URLs that failed have no tar
 member. When that file is present and has a `status` column, every row whose status is neither
 "success" nor null becomes one error row (kind "source_status"), after the tar's rows, exactly as
-img2dataset's parquet output format gives them: a failed download is never silently lost."""
+img2dataset's parquet output format gives them: a failed download is never silently lost. An
+unreadable side parquet fails the shard (SourceError naming it)."""
 from __future__ import annotations
 
 import json
@@ -18,12 +19,14 @@ from dcam.pipeline.sources.base import (
     STREAM_BLOCK,
     RowError,
     ShardContext,
+    SourceError,
     as_text,
     guarded,
     img2dataset_status_error,
     objects_json,
+    redact_url,
 )
-from dcam.pipeline.storage import retry_settings, with_retries
+from dcam.pipeline.storage import describe_error, retry_settings, with_retries
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -88,16 +91,18 @@ def failed_downloads(ctx: ShardContext) -> Iterator[dict]:
     attempts, base = retry_settings(ctx.storage_options)
     if not with_retries(lambda: ctx.fs.exists(path), attempts, base, secrets=ctx.secrets):
         return
-    with with_retries(lambda: ctx.fs.open(path, "rb"), attempts, base, secrets=ctx.secrets) as f:
-        pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        if "status" not in names:
-            return
-        cols = [c for c in SIDE_COLUMNS if c in names]
-        for batch in pf.iter_batches(batch_size=4096, columns=cols):
-            for rec in batch.to_pylist():
-                if rec.get("status") not in (None, "success"):
-                    yield rec
+    try:
+        with with_retries(lambda: ctx.fs.open(path, "rb"), attempts, base, secrets=ctx.secrets) as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            if "status" not in names:
+                return
+            cols = [c for c in SIDE_COLUMNS if c in names]
+            for batch in pf.iter_batches(batch_size=4096, columns=cols):
+                yield from (rec for rec in batch.to_pylist() if rec.get("status") not in (None, "success"))
+    except Exception as e:  # noqa: BLE001 - the failed downloads cannot be accounted for: the shard fails
+        raise SourceError(f"cannot read img2dataset's side parquet {redact_url(path, ctx.secrets)} of this tar: "
+                          f"{describe_error(e, ctx.secrets)}") from None
 
 
 def _failed_download_row(rec: dict, ctx: ShardContext) -> dict:

@@ -169,6 +169,11 @@ def test_webdataset_side_parquet_failed_downloads_become_error_rows(root):
                                                            ["HTTP Error 404: Not Found"]), opts)
     _, prow = read_all(f"{url}/p", "img2dataset_parquet", opts)
     assert (prow[0]["error"], prow[0]["error_kind"]) == (first[2]["error"], first[2]["error_kind"])
+    # an unreadable side parquet fails the shard (its failures could not be accounted for), naming the file
+    put(f"{url}/00001.parquet", b"not a parquet file", opts)
+    for attempt in (lambda: list(read_shard(specs[1], opts)), lambda: count_rows(specs[1], opts)):
+        with pytest.raises(SourceError, match="side parquet .*00001.parquet"):
+            attempt()
 
 def test_img2dataset_parquet(root):
     url, opts = root
