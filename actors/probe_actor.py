@@ -103,6 +103,7 @@ class ProbeActor:
         meta = {name: dict(hook=pc.hook, state=pc.state, variant=pc.variant, contrast=pc.contrast)
                 for name, (pc, _) in self.methods.items()}
         return dict(prompt=r.prompt, response=r.response, response_ids=r.response_ids, eos_id=b.eos_id,
+                    response_tokens=[b.token_str(t) for t in r.response_ids],  # word -> object alignment
                     response_source=r.response_source, maps=maps, methods=meta)
 
     def _maybe_die_for_tests(self):

@@ -45,7 +45,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("token", "string", "explained token"),
     Column("token_index", "int32", "its canvas position"),
     Column("word_type", "string", "e.g. colour/shape/function"),
-    Column("object_id", "int32", "the object the word names (from `objects`), null if none"),
+    Column("object_id", "int32", "the object the word's phrase names (from `objects`, METHOD.md §5.2), null if none"),
     Column("category", "string", "the named object's category"),
     Column("method", "string", "method name (conf/run.yaml `methods`)"),
     Column("refine", "string", "enabled refinement modules (`dacg+cba+sicd`, ... or `none`)"),

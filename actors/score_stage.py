@@ -75,20 +75,24 @@ class RefineScoreStage:
         mask = _mask(batch, i)
         objects = _objects(batch, i)
         thumbs = self._thumbnails(batch, i, mask)
+        named = word_objects(response_tokens(payload), objects)
         rows = []
         for name, maps in payload["maps"].items():
             refine_label = self.refine_for(name, payload["eos_id"]).label()
             for m, fine in zip(maps, refined.get(name, [])):
-                rows.append(self._record(base, payload, name, refine_label, m, fine, mask, objects))
+                rows.append(self._record(base, payload, name, refine_label, m, fine, mask, named))
         if not rows:  # nothing to explain (e.g. no content word): still account for the sample
             rows.append(dict(base, status="ok", response=payload["response"], response_source=payload["response_source"],
                              notes=(base["notes"] + ";no_explained_tokens").lstrip(";")))
         rows[0].update(thumbs)
         return rows
 
-    def _record(self, base, payload, name, refine_label, m, fine, mask, objects) -> dict:
+    def _record(self, base, payload, name, refine_label, m, fine, mask, named: dict) -> dict:
+        """One output row; named: response position -> object (word_objects)."""
         meta = payload["methods"][name]
-        obj = object_for_token(payload["response_ids"], m["position"], m["token"], objects)
+        obj = named.get(int(m["position"]))
+        if int(m["position"]) in named and obj is None:  # a wrong word: recorded, scored against no object
+            base = dict(base, notes=(base["notes"] + ";" + WRONG_WORD).lstrip(";"))
         rec = dict(base, status="ok", error=None, error_kind=None, response=payload["response"],
                    response_source=payload["response_source"], token=m["token"], token_index=int(m["position"]),
                    word_type=m.get("word_type"), object_id=None if obj is None else int(obj["id"]),
@@ -99,9 +103,8 @@ class RefineScoreStage:
                    raw_map=m["raw_map"].astype(np.float32).ravel(), target_prob=m["target_prob"],
                    deletion_auc=finite_or_none(m["deletion_auc"]), insertion_auc=finite_or_none(m["insertion_auc"]))
         scores = dict.fromkeys(LOCALISATION_SCORES)
-        if mask is not None and obj is not None:
-            cell = mask.shape[0] / fine.shape[0]
-            scores.update({k: finite_or_none(v) for k, v in score_map(fine, mask, int(obj["id"]), cell).items() if k in LOCALISATION_SCORES})
+        if mask is not None and obj is not None:  # tolerant pointing radius: scores.token_cell_px / 2
+            scores.update({k: finite_or_none(v) for k, v in score_map(fine, mask, int(obj["id"])).items() if k in LOCALISATION_SCORES})
         rec.update(scores)
         return rec
 
@@ -119,17 +122,82 @@ class RefineScoreStage:
         return out
 
 
-def object_for_token(response_ids: list[int], position: int, token: str, objects: list[dict] | None) -> dict | None:
-    """The object a response word names: among objects whose `words` contain it, the k-th for
-    the k-th occurrence of the word in the response (objects are listed in mention order, as
-    dcam synth and COCO-style captions with one phrase per object do). None when no object
-    lists the word, or when there are fewer candidates than occurrences (ambiguous)."""
+WRONG_WORD = "wrong_word"  # note on a row whose word its aligned object does not list (scored against none)
+
+
+def normalised_word(token: str) -> str:
+    """A token as an object word: lower case, surrounding whitespace and punctuation removed."""
+    return token.strip().strip(".,;:!?\"'()[]").lower()
+
+
+def response_phrases(tokens: list[str], objects: list[dict]) -> list[list[int]]:
+    """The object phrases of a response: maximal runs of consecutive tokens each of which is a
+    word some object lists (its `words`); any other token (articles, "and", punctuation, words
+    no object lists) ends a phrase. "a green square and a blue square" -> [[1, 2], [5, 6]]."""
+    vocabulary = {str(w).lower() for o in objects for w in o.get("words", [])}
+    phrases: list[list[int]] = []
+    current: list[int] = []
+    for p, t in enumerate(tokens):
+        if normalised_word(t) in vocabulary:
+            current.append(p)
+        elif current:
+            phrases.append(current)
+            current = []
+    return phrases + [current] if current else phrases
+
+
+def phrase_objects(tokens: list[str], objects: list[dict]) -> list[tuple[list[int], dict | None]]:
+    """(token positions, aligned object or None) of every object phrase (METHOD.md §5.2).
+
+    A phrase *names* an object when the object's `words` contain every word of the phrase. Objects
+    are listed in caption order (dcam synth: the caption's order). In turn:
+    1. the k-th phrase gets the k-th object when it names it (caption order);
+    2. each phrase still without one, in response order, gets the first object (in list order) that
+       it names and no phrase has got (a phrase out of caption order, or a source such as COCO whose
+       objects are in annotation order);
+    3. a phrase still without one gets the k-th object by position if no phrase has got it (its
+       words that object does not list are wrong words, see word_objects); else none.
+    """
+    phrases = response_phrases(tokens, objects)
+    words = [{str(w).lower() for w in o.get("words", [])} for o in objects]
+    names = [[k for k, ws in enumerate(words) if {normalised_word(tokens[p]) for p in ph} <= ws] for ph in phrases]
+    got: list[int | None] = [j if j in names[j] else None for j in range(len(phrases))]
+    taken = {k for k in got if k is not None}
+    for j, candidates in enumerate(names):
+        if got[j] is None:
+            got[j] = next((k for k in candidates if k not in taken), None)
+            taken |= {got[j]} - {None}
+    for j in range(len(phrases)):
+        if got[j] is None and j < len(objects) and j not in taken:
+            got[j] = j
+            taken.add(j)
+    return [(ph, None if k is None else objects[k]) for ph, k in zip(phrases, got)]
+
+
+def word_objects(tokens: list[str], objects: list[dict] | None) -> dict[int, dict | None]:
+    """Response position -> the object its word names, for every token inside an object phrase: the
+    phrase's aligned object when that object lists the word, else None (a wrong word: "square" in the
+    place of a triangle). Positions outside every phrase are absent."""
     if not objects:
-        return None
-    word = token.strip().lower()
-    candidates = [o for o in objects if word in [str(w).lower() for w in o.get("words", [])]]
-    rank = sum(1 for p in range(position) if p < len(response_ids) and response_ids[p] == response_ids[position])
-    return candidates[rank] if rank < len(candidates) else None
+        return {}
+    out: dict[int, dict | None] = {}
+    for ph, obj in phrase_objects(tokens, objects):
+        listed = set() if obj is None else {str(w).lower() for w in obj.get("words", [])}
+        out.update({p: obj if normalised_word(tokens[p]) in listed else None for p in ph})
+    return out
+
+
+def response_tokens(payload: dict) -> list[str]:
+    """The response's token strings. Payloads from ProbeActor carry them all; otherwise only the
+    explained tokens are known and every other position counts as a phrase boundary."""
+    if payload.get("response_tokens") is not None:
+        return list(payload["response_tokens"])
+    tokens = [""] * len(payload["response_ids"])
+    for maps in payload["maps"].values():
+        for m in maps:
+            if 0 <= int(m["position"]) < len(tokens):
+                tokens[int(m["position"])] = m["token"]
+    return tokens
 
 
 def layer_of(hook: str) -> int | None:

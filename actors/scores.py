@@ -365,12 +365,20 @@ def _chunk_rows(flat, lab, mask_flat, col, ids_present, dist, radius) -> dict:
     return out
 
 
+def token_cell_px(mask_hw: tuple[int, int], map_hw: tuple[int, int]) -> float:
+    """Size of one token cell in mask pixels, the one rule for the tolerant pointing radius
+    (METHOD.md §5.8): the larger side, max(H/h, W/w), so that a non-square image's radius does not
+    depend on which side is measured."""
+    return max(mask_hw[0] / map_hw[0], mask_hw[1] / map_hw[1])
+
+
 def score_maps(maps, mask_ids, object_ids, grid_cell_px: float | None = None) -> dict:
     """Per-row scores (SCORE_KEYS -> float64 (N,)) of N token-grid maps that share one mask.
 
     maps: (N, h, w) in [0, 1]; mask_ids: (H, W) int id mask or None; object_ids: one id per
     map (or a scalar for all; None / <= 0 = no named object); grid_cell_px: size of one token
-    cell in mask pixels (default max(H/h, W/w)); the tolerant pointing radius is half of it.
+    cell in mask pixels (default token_cell_px: max(H/h, W/w), what the pipeline and eval-cam use);
+    the tolerant pointing radius is half of it.
     See the module docstring for NaN and degenerate-map rules.
     """
     x = _validated_maps(maps, 3)
@@ -386,7 +394,7 @@ def score_maps(maps, mask_ids, object_ids, grid_cell_px: float | None = None) ->
     col = _label_columns(objs, ids_present)
     dist = _distance_maps(mask, np.unique(objs[col > 0]))
     if grid_cell_px is None:
-        grid_cell_px = max(mask.shape[0] / x.shape[1], mask.shape[1] / x.shape[2])
+        grid_cell_px = token_cell_px(mask.shape, x.shape[1:])
     step = max(1, _CHUNK_ELEMENTS // mask.size)
     for s in range(0, n, step):
         flat = upsample_map(x[s:s + step], mask.shape).reshape(len(x[s:s + step]), -1)

@@ -70,7 +70,7 @@ def correct_words(gen_ids: torch.Tensor, items: list[scenes.Scene], tok) -> dict
     return out
 
 
-def _score_rows(maps: np.ndarray, masks: list[np.ndarray], objs: list[int], cell_px: float) -> list[dict]:
+def _score_rows(maps: np.ndarray, masks: list[np.ndarray], objs: list[int], cell_px: float | None) -> list[dict]:
     return [score_map(m, mk, o, cell_px) for m, mk, o in zip(maps, masks, objs)]
 
 
@@ -125,7 +125,7 @@ def _eval_chunk(backend, untrained, methods, ref_rows, items, cfg, table: _Table
     row_meta = [(j, o) for j, w in words.items() for _, o in w]
     masks = [items[j].mask for j, _ in row_meta]
     objs = [o for _, o in row_meta]
-    cell = items[0].mask.shape[0] / batch.spans[0].rows
+    cell = None  # tolerant pointing radius: scores.token_cell_px (max(H/h, W/w)) / 2, as in dcam run
     k = cfg["faithfulness_steps"]
     default_targets = default_raw = None
     for name, pc in methods.items():

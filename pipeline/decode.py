@@ -10,7 +10,11 @@
   * CMYK -> RGB (PIL's conversion; Adobe-inverted JPEGs are handled by PIL): note "cmyk_converted".
   * Grayscale / bilevel -> RGB: note "grayscale"; palette -> RGB: note "palette".
   * Animated images: the first frame, note "first_frame_of_<N>".
-  * EXIF orientation 2-8 is applied (ImageOps.exif_transpose): note "exif_transposed".
+  * EXIF orientation 2-8 is applied (ImageOps.exif_transpose): note "exif_transposed". A mask is given in
+    the image's stored pixel frame (the frame of the encoded pixels, before EXIF orientation, as COCO's
+    annotations are) and is turned with the image (orient_like_exif); its size is checked against the
+    stored size. The mask file's own EXIF tag, if any, is ignored. `objects` bboxes pass unchanged (no
+    score reads them).
 
 `DecodeStage` never raises for a bad row: every failure becomes a row with status "error", a precise,
 credential-free `error` and an `error_kind`; error rows have pixels=b"", height=width=0, mask_pixels=None.
@@ -102,6 +106,13 @@ def _load(im: Image.Image, what: str, kind: str = "decode") -> None:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
     """Encoded bytes -> (uint8 array (H, W, 3), notes). Raises DecodeError(kind, message)."""
+    arr, notes, _ = decode_oriented_image(data, max_pixels)
+    return arr, notes
+
+
+def decode_oriented_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str], int]:
+    """decode_image plus the EXIF orientation (1-8) that was applied to the stored pixels, so that
+    a mask given in the stored frame can be turned the same way (orient_like_exif)."""
     notes: list[str] = []
     im = _open_checked(data, max_pixels)
     n_frames = int(getattr(im, "n_frames", 1) or 1)
@@ -113,11 +124,30 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.
         orientation = im.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - broken EXIF never blocks the pixels
         orientation, _ = 1, notes.append("exif_unreadable")
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
+    if orientation in EXIF_ORIENTATIONS:
         im = ImageOps.exif_transpose(im)
         notes.append("exif_transposed")
+    else:
+        orientation = 1  # absent, 1, or a value outside 1-8 (PIL ignores those too)
     arr = to_rgb(im, notes)
-    return np.ascontiguousarray(arr, dtype=np.uint8), notes
+    return np.ascontiguousarray(arr, dtype=np.uint8), notes, int(orientation)
+
+
+EXIF_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)  # the tag values that move pixels
+
+
+def orient_like_exif(a: np.ndarray, orientation: int) -> np.ndarray:
+    """A 2-D array (a mask in the image's stored pixel frame) turned the way ImageOps.exif_transpose
+    turns an image whose EXIF orientation tag is `orientation` (1 or unknown: unchanged)."""
+    turns = {2: lambda m: m[:, ::-1],  # FLIP_LEFT_RIGHT
+             3: lambda m: m[::-1, ::-1],  # ROTATE_180
+             4: lambda m: m[::-1, :],  # FLIP_TOP_BOTTOM
+             5: lambda m: m.T,  # TRANSPOSE
+             6: lambda m: np.rot90(m, -1),  # ROTATE_270 (90 degrees clockwise)
+             7: lambda m: m[::-1, ::-1].T,  # TRANSVERSE
+             8: lambda m: np.rot90(m, 1)}  # ROTATE_90 (90 degrees counter-clockwise)
+    turn = turns.get(int(orientation))
+    return a if turn is None else np.ascontiguousarray(turn(a))
 
 
 def to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
@@ -295,12 +325,14 @@ class DecodeStage:
         objects = raw.get("objects")
         objects = json.dumps(objects) if isinstance(objects, list) else _text(objects, "objects")
         object_ids = check_objects(objects) if objects is not None else set()
-        pixels, image_notes = decode_image(self._image_bytes(raw), self.max_pixels)
+        pixels, image_notes, orientation = decode_oriented_image(self._image_bytes(raw), self.max_pixels)
         notes.extend(image_notes)
         h, w = pixels.shape[:2]
         mask_pixels = None
-        if raw.get("mask") is not None:
-            mask, mask_notes = decode_mask(bytes(raw["mask"]), h, w, self.max_pixels)
+        if raw.get("mask") is not None:  # given in the stored pixel frame: turned with the image
+            stored_h, stored_w = (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+            mask, mask_notes = decode_mask(bytes(raw["mask"]), stored_h, stored_w, self.max_pixels)
+            mask = orient_like_exif(mask, orientation)
             notes.extend(mask_notes)
             unknown = sorted(set(np.unique(mask).tolist()) - {0} - object_ids)
             if unknown:

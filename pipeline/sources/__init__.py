@@ -7,7 +7,9 @@ Formats (one ShardSpec = one file):
   img2dataset_parquet  img2dataset's parquet: key, url, caption, status, error_message, optional jpg/png/webp
                        bytes. Rows whose status is not "success" become error rows (kind "source_status").
   webdataset           img2dataset tar shards: <key>.jpg|.png|.webp + <key>.txt + <key>.json (optionally
-                       <key>.mask.png + <key>.objects.json). Read with tarfile in streaming mode.
+                       <key>.mask.png + <key>.objects.json). Read with tarfile in streaming mode. The side
+                       parquet img2dataset writes beside each tar (same stem) adds one "source_status" error
+                       row per failed URL, after the tar's rows (count_rows includes them).
   jsonl, csv           manifests: image_uri (or url/image) + prompt + optional response/id/objects. A relative
                        image_uri is resolved against the manifest's own directory.
   coco                 one instances JSON; images under `source.coco_images` (default: the JSON's

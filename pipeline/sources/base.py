@@ -253,6 +253,12 @@ def _image_fields(rec: dict, ctx: ShardContext) -> tuple[bytes | None, str | Non
     return data, None
 
 
+def img2dataset_status_error(status: Any, message: Any) -> str:
+    """The `error` of a row img2dataset failed to download (kind "source_status"), one wording for its
+    parquet output and for the side parquet of its tar output."""
+    return f"img2dataset status {status!r}: {message or ''}".rstrip(": ")
+
+
 def guarded(ctx: ShardContext, row_id: Any, fn, *args) -> dict:
     """fn(*args), or an error row: RowError keeps its kind, anything else is kind "parse"."""
     try:

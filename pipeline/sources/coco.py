@@ -1,5 +1,5 @@
 """COCO instances JSON: one shard per file; images under `source.coco_images`; id masks
-rasterised from polygons and RLE; `source.coco_captions` gives responses."""
+rasterised from polygons and RLE by pycocotools (COCO's own tools); `source.coco_captions` gives responses."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,8 @@ from collections import defaultdict
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from pycocotools import mask as coco_mask
 
 from dcam.pipeline.sources.base import MAX_OBJECT_ID, RowError, ShardContext, SourceError, guarded
 from dcam.pipeline.storage import join_url, open_fs, retry_settings, with_retries
@@ -140,7 +141,8 @@ def paint_mask(masks: list[tuple[int, bool, np.ndarray]], h: int, w: int) -> byt
 
 
 def segmentation_mask(seg: Any, h: int, w: int) -> np.ndarray:
-    """Boolean (h, w) mask of a COCO segmentation: polygon list, RLE (compressed or counts), or list of RLEs."""
+    """Boolean (h, w) mask of a COCO segmentation: polygon list, RLE (compressed or counts), or list of
+    RLEs; the parts of a list are united (pycocotools' merge)."""
     if isinstance(seg, dict):
         m = rle_decode(seg)
         if m.shape != (h, w):
@@ -154,32 +156,55 @@ def segmentation_mask(seg: Any, h: int, w: int) -> np.ndarray:
     return out
 
 
-SUPERSAMPLE = 4
+def clip_margin(h: int, w: int) -> float:
+    """How far outside the image a polygon may reach before it is clipped (see polygon_mask)."""
+    return float(max(h, w) + 64)
 
 
 def polygon_mask(poly: list, h: int, w: int) -> np.ndarray:
-    """Boolean (h, w) mask of one polygon [x1, y1, x2, y2, ...] in COCO pixel coordinates (pixel (i, j)
-    spans [j, j+1) x [i, i+1)). A pixel is inside when more than half of its 4x4 sub-samples are: the
-    polygon is filled with PIL ImageDraw on a 4x supersampled canvas cropped to its bounding box."""
-    pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-    out = np.zeros((h, w), bool)
+    """Boolean (h, w) mask of one polygon [x1, y1, x2, y2, ...] in COCO pixel coordinates, rasterised by
+    pycocotools (frPyObjects + decode: the masks COCO's own tools and evaluation use), pixel for pixel.
+    Only a polygon reaching more than clip_margin px beyond the image (a corrupt vertex: pycocotools'
+    time and memory grow with the polygon's extent) is first clipped to the image grown by that margin
+    (Sutherland-Hodgman); pycocotools then rounds the new vertices, so pixels along the clipped edges may
+    differ from an unbounded rasterisation. Fewer than 3 points or a non-finite coordinate give an empty
+    mask; an odd number of coordinates raises ValueError."""
+    flat = np.asarray(poly, dtype=np.float64).ravel()
+    if len(flat) % 2:
+        raise ValueError(f"polygon with an odd number of coordinates ({len(flat)})")
+    pts = flat.reshape(-1, 2)
     if len(pts) < 3 or not np.isfinite(pts).all():
-        return out
-    x0, y0 = max(0, int(np.floor(pts[:, 0].min()))), max(0, int(np.floor(pts[:, 1].min())))
-    x1, y1 = min(w, int(np.ceil(pts[:, 0].max()))), min(h, int(np.ceil(pts[:, 1].max())))
-    if x1 <= x0 or y1 <= y0:
-        return out
-    s = SUPERSAMPLE
-    canvas = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
-    local = [((x - x0) * s, (y - y0) * s) for x, y in pts]
-    ImageDraw.Draw(canvas).polygon(local, fill=1)
-    sub = np.asarray(canvas, dtype=np.uint8).reshape(y1 - y0, s, x1 - x0, s).sum(axis=(1, 3))
-    out[y0:y1, x0:x1] = sub > (s * s) // 2
-    return out
+        return np.zeros((h, w), bool)
+    m = clip_margin(h, w)
+    if pts.min() < -m or pts[:, 0].max() > w + m or pts[:, 1].max() > h + m:
+        pts = clip_polygon(pts, -m, -m, w + m, h + m)
+        if len(pts) < 3:
+            return np.zeros((h, w), bool)
+    rles = coco_mask.frPyObjects([pts.ravel().tolist()], h, w)
+    return coco_mask.decode(rles)[:, :, 0].astype(bool)
+
+
+def clip_polygon(pts: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """The (n, 2) polygon clipped to the box [x0, x1] x [y0, y1] (Sutherland-Hodgman, one box side at a time)."""
+    for axis, bound, keep_below in ((0, x0, False), (0, x1, True), (1, y0, False), (1, y1, True)):
+        if len(pts) == 0:
+            break
+        inside = pts[:, axis] <= bound if keep_below else pts[:, axis] >= bound
+        out = []
+        for k in range(len(pts)):
+            a, b, a_in, b_in = pts[k - 1], pts[k], inside[k - 1], inside[k]
+            if a_in != b_in:  # the edge crosses the side: add the crossing point
+                t = (bound - a[axis]) / (b[axis] - a[axis])
+                out.append(a + t * (b - a))
+            if b_in:
+                out.append(b)
+        pts = np.array(out, dtype=np.float64).reshape(-1, 2)
+    return pts
 
 
 def rle_counts_from_string(s: str | bytes) -> list[int]:
-    """Decode COCO's compressed RLE string (pycocotools' rleFrString, LEB128-like, delta-coded)."""
+    """Run lengths of COCO's compressed RLE string (pycocotools' rleFrString, LEB128-like, delta-coded).
+    Used only to validate an RLE before pycocotools decodes it (see rle_decode)."""
     b = s.encode("ascii") if isinstance(s, str) else bytes(s)
     counts: list[int] = []
     p = 0
@@ -201,13 +226,18 @@ def rle_counts_from_string(s: str | bytes) -> list[int]:
 
 
 def rle_decode(rle: dict) -> np.ndarray:
-    """Boolean (h, w) mask of a COCO RLE {size: [h, w], counts: [...] or compressed string}.
-    Runs alternate 0/1 starting with 0, over the image in column-major (Fortran) order."""
+    """Boolean (h, w) mask of a COCO RLE {size: [h, w], counts: [...] or compressed string}, decoded by
+    pycocotools. The runs are checked first (non-negative, summing to h * w): pycocotools rejects runs
+    that overflow the image but leaves a short one's remaining pixels uninitialised."""
     h, w = (int(v) for v in rle["size"])
     counts = rle["counts"]
-    counts = rle_counts_from_string(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
-    if any(c < 0 for c in counts) or sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)}, expected {h * w} (or a run is negative)")
-    values = np.arange(len(counts)) % 2 == 1
-    flat = np.repeat(values, counts)
-    return flat.reshape(w, h).T.copy()
+    runs = rle_counts_from_string(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
+    if any(c < 0 for c in runs) or sum(runs) != h * w:
+        raise ValueError(f"RLE counts sum to {sum(runs)}, expected {h * w} (or a run is negative)")
+    if h * w == 0:
+        return np.zeros((h, w), bool)
+    if isinstance(counts, (str, bytes)):
+        compressed = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else bytes(counts)}
+    else:
+        compressed = coco_mask.frPyObjects({"size": [h, w], "counts": runs}, h, w)
+    return coco_mask.decode(compressed).astype(bool)

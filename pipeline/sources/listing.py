@@ -28,7 +28,8 @@ def list_shards(input_url: str, fmt: str = "auto", storage_options: dict | None 
     Names starting with '.' or '_' (_SUCCESS, .DS_Store, _temporary/) are skipped when expanding,
     and so is every dcam run directory (manifest.json beside results/, _SUCCESS or _lease.json):
     dcam's own output is never input. An input that is, or lies inside, a run directory is refused.
-    fmt="auto" picks by extension: .tar -> webdataset (img2dataset's .parquet/.json sidecars ignored),
+    fmt="auto" picks by extension: .tar -> webdataset (img2dataset's .parquet/.json sidecars are not shards;
+    the .parquet is read with its tar, see sources.webdataset),
     .parquet -> parquet or img2dataset_parquet (by the first file's schema), .jsonl, .csv, .json -> coco;
     a mix of parquet/jsonl/csv is refused as ambiguous.
     """

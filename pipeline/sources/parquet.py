@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from dcam.pipeline.sources.base import IMAGE_URI_FIELDS, ShardContext, guarded, record_row_or_error
+from dcam.pipeline.sources.base import (
+    IMAGE_URI_FIELDS,
+    ShardContext,
+    guarded,
+    img2dataset_status_error,
+    record_row_or_error,
+)
 
 
 def read_parquet(ctx: ShardContext) -> Iterator[dict]:
@@ -34,9 +40,8 @@ def _img2dataset_row(rec: dict, ctx: ShardContext) -> dict:
         return row
     status = rec.get("status")
     if status is not None and status != "success":
-        msg = rec.get("error_message") or ""
         return {**row, "status": "error", "error_kind": "source_status",
-                "error": f"img2dataset status {status!r}: {msg}".rstrip(": ")}
+                "error": img2dataset_status_error(status, rec.get("error_message"))}
     data = next((rec[k] for k in ("jpg", "png", "webp") if rec.get(k)), None)
     if data is not None:
         row.update(image=bytes(data), image_uri=None)

@@ -24,8 +24,9 @@ def count_rows(spec: ShardSpec, storage_options: dict | None = None, source: dic
                 return pq.ParquetFile(f).metadata.num_rows
         if spec.format == "coco":
             return len(coco.coco_images(coco.load_json(ctx, ctx.path)))
-        counter = {"webdataset": webdataset.tar_groups, "jsonl": manifests.jsonl_lines,
-                   "csv": manifests.csv_records}[spec.format]
+        if spec.format == "webdataset":
+            return webdataset.count_webdataset(ctx)  # the tar's samples + the side parquet's failed URLs
+        counter = {"jsonl": manifests.jsonl_lines, "csv": manifests.csv_records}[spec.format]
         return sum(1 for _ in counter(ctx, payload=False))
     except (SourceError, RowError):
         raise

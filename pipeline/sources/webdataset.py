@@ -1,5 +1,12 @@
 """img2dataset's WebDataset tar shards: <key>.jpg|.png|.webp + <key>.txt + <key>.json (optionally
-<key>.mask.png + <key>.objects.json), read with tarfile in streaming mode."""
+<key>.mask.png + <key>.objects.json), read with tarfile in streaming mode.
+
+img2dataset writes a side parquet beside each tar (same stem: 00000.tar + 00000.parquet) with one row
+per URL it tried (key, url, caption, status, error_message, ...); the URLs that failed have no tar
+member. When that file is present and has a `status` column, every row whose status is neither
+"success" nor null becomes one error row (kind "source_status"), after the tar's rows, exactly as
+img2dataset's parquet output format gives them: a failed download is never silently lost. An
+unreadable side parquet fails the shard (SourceError naming it)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +14,19 @@ import posixpath
 import tarfile
 from typing import Any, Iterator
 
-from dcam.pipeline.sources.base import IMAGE_EXTS, STREAM_BLOCK, RowError, ShardContext, as_text, guarded, objects_json
+from dcam.pipeline.sources.base import (
+    IMAGE_EXTS,
+    STREAM_BLOCK,
+    RowError,
+    ShardContext,
+    SourceError,
+    as_text,
+    guarded,
+    img2dataset_status_error,
+    objects_json,
+    redact_url,
+)
+from dcam.pipeline.storage import describe_error, retry_settings, with_retries
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -43,6 +62,59 @@ def tar_groups(ctx: ShardContext, payload: bool = True) -> Iterator[tuple[str, d
 def read_webdataset(ctx: ShardContext) -> Iterator[dict]:
     for key, members in tar_groups(ctx):
         yield guarded(ctx, key, _tar_row, key, members, ctx)
+    for rec in failed_downloads(ctx):
+        key = rec.get("key")
+        yield guarded(ctx, key if isinstance(key, str) else None, _failed_download_row, rec, ctx)
+
+
+def count_webdataset(ctx: ShardContext) -> int:
+    """Rows read_webdataset yields: one per sample in the tar plus one per failed URL of the side parquet."""
+    return sum(1 for _ in tar_groups(ctx, payload=False)) + sum(1 for _ in failed_downloads(ctx))
+
+
+def side_parquet_path(ctx: ShardContext) -> str:
+    """Where img2dataset puts the tar's side parquet: the same path with .parquet for .tar."""
+    stem = ctx.path[:-4] if ctx.path.lower().endswith(".tar") else ctx.path
+    return stem + ".parquet"
+
+
+SIDE_COLUMNS = ("key", "url", "caption", "status", "error_message")
+
+
+def failed_downloads(ctx: ShardContext) -> Iterator[dict]:
+    """Records (SIDE_COLUMNS present in the file) of the side parquet's rows whose status is not
+    "success" (null: not a failure), in file order; nothing when there is no side parquet or it has no
+    `status` column (then it is not img2dataset's). An unreadable side parquet fails the shard."""
+    import pyarrow.parquet as pq
+
+    path = side_parquet_path(ctx)
+    attempts, base = retry_settings(ctx.storage_options)
+    if not with_retries(lambda: ctx.fs.exists(path), attempts, base, secrets=ctx.secrets):
+        return
+    try:
+        with with_retries(lambda: ctx.fs.open(path, "rb"), attempts, base, secrets=ctx.secrets) as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            if "status" not in names:
+                return
+            cols = [c for c in SIDE_COLUMNS if c in names]
+            for batch in pf.iter_batches(batch_size=4096, columns=cols):
+                yield from (rec for rec in batch.to_pylist() if rec.get("status") not in (None, "success"))
+    except Exception as e:  # noqa: BLE001 - the failed downloads cannot be accounted for: the shard fails
+        raise SourceError(f"cannot read img2dataset's side parquet {redact_url(path, ctx.secrets)} of this tar: "
+                          f"{describe_error(e, ctx.secrets)}") from None
+
+
+def _failed_download_row(rec: dict, ctx: ShardContext) -> dict:
+    """An error row for a URL img2dataset could not download (as the parquet format gives it)."""
+    key = rec.get("key")
+    url = rec.get("url")
+    _, _, resp_f = ctx.field_names()
+    return {"id": as_text(key, "key") if key is not None else None,
+            "image_uri": url if isinstance(url, str) and url.strip() else None,
+            "response": as_text(rec.get("caption"), "caption") if resp_f else None,
+            "status": "error", "error_kind": "source_status",
+            "error": img2dataset_status_error(rec.get("status"), rec.get("error_message"))}
 
 
 def _tar_row(key: str, members: dict, ctx: ShardContext) -> dict:

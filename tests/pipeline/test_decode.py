@@ -94,6 +94,55 @@ def test_decode_image_bomb_limit_is_checked_before_decoding():
     assert ei.value.kind == "decode"
 
 
+
+# ----------------------------------------------------------------------------------------------- EXIF orientation
+
+def l_shaped_object(h: int = 32, w: int = 48) -> np.ndarray:
+    """(h, w) id mask of an L made of 8 x 8 blocks (JPEG-block aligned): no two of the 8 orientations
+    of it are equal, so a mask turned the wrong way cannot align with the image by chance."""
+    m = np.zeros((h, w), np.uint8)
+    m[8:24, 8:16] = 1  # the stem
+    m[16:24, 16:40] = 1  # the foot
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_mask_in_the_stored_frame_turns_with_an_exif_oriented_image(orientation, fmt):
+    """Issue 13 defect 8: the image is stored as an L (white on black) with an EXIF orientation tag;
+    the mask is the same L in the stored pixel frame. After decoding, the mask must cover exactly the
+    white pixels of the decoded (EXIF-turned) image, with no mask_resized note. The old code turned
+    the image only: orientation 6 gave a nearest-stretched mask, orientation 3 an unturned one."""
+    stored = l_shaped_object()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = encode(Image.fromarray(np.repeat(stored[:, :, None] * 255, 3, axis=2)), fmt, exif=exif.tobytes(),
+                   **({"quality": 95} if fmt == "JPEG" else {}))
+    row = DecodeStage().decode_one(raw(image=image, mask=encode(Image.fromarray(stored), "PNG"),
+                                       objects=json.dumps([{"id": 1, "words": ["l"]}])))
+    assert row["status"] == "ok", row["error"]
+    assert ("exif_transposed" in row["notes"]) == (orientation != 1) and "mask_resized" not in row["notes"]
+    h, w = row["height"], row["width"]
+    assert (h, w) == ((48, 32) if orientation >= 5 else (32, 48))
+    white = np.frombuffer(row["pixels"], np.uint8).reshape(h, w, 3).mean(axis=2) > 127
+    mask = np.frombuffer(row["mask_pixels"], "<u2").reshape(h, w)
+    assert (white == (mask == 1)).all()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_like_exif_equals_pil_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    from dcam.pipeline.decode import orient_like_exif
+
+    a = np.random.default_rng(orientation).integers(0, 255, (5, 7), dtype=np.uint8)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.info["exif"] = exif.tobytes()
+    want = np.asarray(ImageOps.exif_transpose(im))
+    assert np.array_equal(orient_like_exif(a, orientation), want)
+
 def test_decode_mask_modes_and_resize():
     m16 = np.zeros((4, 6), np.uint16)
     m16[1, 2] = 300
@@ -148,7 +197,7 @@ def test_stage_contract_and_never_raises(monkeypatch):
     def bug(*a, **k):
         raise RuntimeError(f"bug with secret {FLAKY_SECRET}")
 
-    monkeypatch.setattr(dcam.pipeline.decode, "decode_image", bug)
+    monkeypatch.setattr(dcam.pipeline.decode, "decode_oriented_image", bug)  # what the stage calls
     out = run_stage([raw(image=good)], {"storage": {"secret": FLAKY_SECRET}})
     assert out[0]["error_kind"] == "internal" and FLAKY_SECRET not in out[0]["error"]
     monkeypatch.undo()

@@ -140,6 +140,14 @@ def test_webdataset_manifest_and_coco_inputs(ray_local, tmp_path, random_ckpt):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
+    # img2dataset's side parquet: the 6 samples in the tar plus one URL that failed (issue 13 defect 10)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = [key for key, _ in items] + ["failed-url"]
+    pq.write_table(pa.table({"url": [f"https://example.invalid/{k}.png" for k in keys], "key": keys,
+                             "status": ["success"] * 6 + ["failed_to_download"],
+                             "error_message": [None] * 6 + ["HTTP Error 404"]}), tmp_path / "wds" / "00000.parquet")
     # JSON Lines manifest of image URIs + prompts (the model generates)
     (tmp_path / "jsonl").mkdir()
     lines = []
@@ -169,10 +177,15 @@ def test_webdataset_manifest_and_coco_inputs(ray_local, tmp_path, random_ckpt):
                                     f"source.coco_captions={tmp_path / 'coco' / 'captions.json'}"])):
         s = _run([f"input={url}", f"format={fmt}", f"output={tmp_path / ('out-' + name)}", f"model.source={random_ckpt}",
                   *FAST, *extra])
-        assert s["inputs"] == 6 and s["ok"] == 6, (name, s["errors"])
+        failed = 1 if name == "wds" else 0  # the manifest counts the side parquet's failed URL as an input row
+        assert s["inputs"] == 6 + failed and s["ok"] == 6, (name, s["errors"])
+        assert s["errors"] == ({"source_status": 1} if failed else {}), (name, s["errors"])
         t = _results(str(tmp_path / ("out-" + name))).to_pandas()
-        assert t.id.nunique() == 6
+        assert t.id.nunique() == 6 + failed
         if name == "wds":
+            err = t[t.status == "error"]
+            assert err.id.tolist() == ["failed-url"] and err.error.tolist() == ["img2dataset status 'failed_to_download': HTTP Error 404"]
+            t = t[t.status == "ok"]
             assert (t.response_source == "given").all()
         if name == "jsonl":
             assert (t.response_source == "generated").all()

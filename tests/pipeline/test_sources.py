@@ -19,7 +19,7 @@ from PIL import Image
 from dcam.pipeline import sources, storage
 from dcam.pipeline.sources import ShardSpec, SourceError, count_rows, list_shards, make_shard_key, read_shard
 from dcam.pipeline.sources.base import safe_name
-from dcam.pipeline.sources.coco import polygon_mask, rle_counts_from_string, rle_decode
+from dcam.pipeline.sources.coco import clip_margin, clip_polygon, polygon_mask, rle_counts_from_string, rle_decode
 from dcam.pipeline.storage import (
     RetriesExhaustedError,
     SchemeNotAllowedError,
@@ -127,6 +127,54 @@ def test_webdataset(root):
     assert rows[4]["image"] is None and "first seen at row_index 0" in rows[4]["error"]
 
 
+
+def img2dataset_side_parquet(keys: list[str], statuses: list[str], errors: list) -> bytes:
+    """The parquet img2dataset writes beside each tar (its column layout, trimmed of size/exif columns)."""
+    n = len(keys)
+    return parquet_bytes(pa.table({
+        "url": [f"https://example.invalid/{k}.jpg" for k in keys], "caption": [f"caption {k}" for k in keys],
+        "key": keys, "status": statuses, "error_message": errors, "width": [8 if s == "success" else None for s in statuses],
+        "height": [6 if s == "success" else None for s in statuses], "original_width": [None] * n,
+        "original_height": [None] * n, "exif": [None] * n, "sha256": [None] * n}))
+
+
+def test_webdataset_side_parquet_failed_downloads_become_error_rows(root):
+    """Issue 13 defect 10: img2dataset's tar output records failed URLs only in the side parquet; each one
+    is an error row (kind source_status, the parquet format's wording), counted by count_rows (the
+    manifest's row count), after the tar's samples."""
+    url, opts = root
+    members = []
+    for key in ("000000000", "000000002"):
+        members += [(f"{key}.jpg", png(int(key))), (f"{key}.txt", f"caption {key}".encode()),
+                    (f"{key}.json", json.dumps({"key": key, "status": "success"}).encode())]
+    put(f"{url}/00000.tar", webdataset_tar(members), opts)
+    put(f"{url}/00000.parquet", img2dataset_side_parquet(
+        ["000000000", "000000001", "000000002", "000000003"],
+        ["success", "failed_to_download", "success", "failed_to_resize"],
+        [None, "HTTP Error 404: Not Found", None, "image too small"]), opts)
+    put(f"{url}/00000_stats.json", b"{}", opts)
+    put(f"{url}/00001.tar", webdataset_tar(members[:3]), opts)  # a tar without a side parquet: no extra rows
+    specs, rows = read_all(url, "auto", opts)
+    assert [s.format for s in specs] == ["webdataset", "webdataset"]
+    first = [r for r in rows if r["shard"] == specs[0].url]
+    assert [(r["id"], r["status"], r["error_kind"]) for r in first] == [
+        ("000000000", "ok", None), ("000000002", "ok", None),
+        ("000000001", "error", "source_status"), ("000000003", "error", "source_status")]
+    assert first[2]["error"] == "img2dataset status 'failed_to_download': HTTP Error 404: Not Found"
+    assert first[3]["error"] == "img2dataset status 'failed_to_resize': image too small"
+    assert first[2]["image"] is None and first[2]["image_uri"] == "https://example.invalid/000000001.jpg"
+    assert len([r for r in rows if r["shard"] == specs[1].url]) == 1
+    # the same failure reads the same as from img2dataset's parquet output format
+    put(f"{url}/p/00000.parquet", img2dataset_side_parquet(["000000001"], ["failed_to_download"],
+                                                           ["HTTP Error 404: Not Found"]), opts)
+    _, prow = read_all(f"{url}/p", "img2dataset_parquet", opts)
+    assert (prow[0]["error"], prow[0]["error_kind"]) == (first[2]["error"], first[2]["error_kind"])
+    # an unreadable side parquet fails the shard (its failures could not be accounted for), naming the file
+    put(f"{url}/00001.parquet", b"not a parquet file", opts)
+    for attempt in (lambda: list(read_shard(specs[1], opts)), lambda: count_rows(specs[1], opts)):
+        with pytest.raises(SourceError, match="side parquet .*00001.parquet"):
+            attempt()
+
 def test_img2dataset_parquet(root):
     url, opts = root
     t = pa.table({"url": ["https://example.invalid/a.jpg", "https://example.invalid/b.jpg", "https://x.invalid/c"],
@@ -233,6 +281,70 @@ def test_polygon_fill_pixel_exact():
     clear = (cover < 0.35) | (cover > 0.65)
     assert (got[clear] == (cover[clear] > 0.5)).all()
 
+
+
+def random_polygon(rng: np.random.Generator, h: int, w: int, outside: float = 0.0) -> list[float]:
+    """A random star-shaped polygon (3..12 vertices, non-integer coordinates), vertices up to
+    `outside` pixels beyond the image."""
+    n = int(rng.integers(3, 13))
+    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    r = rng.uniform(0.5, max(h, w) / 2 + outside, n)
+    xs = np.clip(cx + r * np.cos(ang), -outside, w + outside)
+    ys = np.clip(cy + r * np.sin(ang), -outside, h + outside)
+    return np.stack([xs, ys], 1).ravel().round(2).tolist()
+
+
+def pycocotools_polygon(poly: list[float], h: int, w: int) -> np.ndarray:
+    from pycocotools import mask as coco_mask
+
+    return coco_mask.decode(coco_mask.frPyObjects([poly], h, w))[:, :, 0].astype(bool)
+
+
+def test_polygon_masks_equal_pycocotools_on_random_polygons():
+    """Issue 13 defect 9: the old PIL fill also painted the outline (masks ~1% too large); dcam's
+    polygon masks are now pycocotools' own, pixel for pixel, also for polygons reaching outside
+    the image."""
+    rng = np.random.default_rng(13)
+    for k in range(200):
+        h, w = int(rng.integers(4, 80)), int(rng.integers(4, 80))
+        poly = random_polygon(rng, h, w, outside=0.0 if k < 100 else 15.0)
+        assert (polygon_mask(poly, h, w) == pycocotools_polygon(poly, h, w)).all(), (k, h, w, poly)
+
+
+def test_polygon_with_a_far_away_vertex_is_clipped_not_rasterised_at_full_extent():
+    poly = [1.0, 1.0, 6.0, 1.0, 1e12, 1e12, 1.0, 5.0]
+    got = polygon_mask(poly, 8, 8)  # unclipped, pycocotools would need terabytes
+    m = clip_margin(8, 8)
+    want = pycocotools_polygon(clip_polygon(np.reshape(poly, (-1, 2)), -m, -m, 8 + m, 8 + m).ravel().tolist(), 8, 8)
+    assert got.any() and (got == want).all()
+    with pytest.raises(ValueError):
+        polygon_mask([1, 1, 4, 1, 4], 8, 8)
+
+
+def test_clip_polygon_keeps_the_part_inside_the_box():
+    square = np.array([[-2.0, -2.0], [2.0, -2.0], [2.0, 2.0], [-2.0, 2.0]])
+    got = clip_polygon(square, 0, 0, 10, 10)
+    assert sorted(map(tuple, got.round(9).tolist())) == [(0.0, 0.0), (0.0, 2.0), (2.0, 0.0), (2.0, 2.0)]
+    assert len(clip_polygon(square, 5, 5, 10, 10)) == 0
+
+
+def test_rle_round_trip_with_pycocotools():
+    """pycocotools encodes random masks; dcam decodes them (compressed and as plain runs) to the same
+    mask, and its run validation reads pycocotools' strings to runs that rebuild the mask."""
+    from pycocotools import mask as coco_mask
+
+    rng = np.random.default_rng(9)
+    for _ in range(50):
+        h, w = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        mask = rng.random((h, w)) < rng.random()
+        rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert (rle_decode(rle) == mask).all()
+        runs = rle_counts_from_string(rle["counts"])
+        assert (rle_decode({"size": [h, w], "counts": runs}) == mask).all()
+        assert rle["counts"].decode() == rle_encode(mask)
+    with pytest.raises(ValueError):  # a short RLE: pycocotools would leave pixels uninitialised
+        rle_decode({"size": [3, 4], "counts": "1"})
 
 def test_coco(root):
     url, opts = root
