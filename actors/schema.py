@@ -23,7 +23,10 @@ LOCALISATION_SCORES = ("obj_iou", "obj_iou_bestclass", "precision", "recall", "f
 # Faithfulness measured with the model itself (no labels needed).
 FAITHFULNESS_SCORES = ("deletion_auc", "insertion_auc")
 # Every float64 score column of an output row, in order.
-FLOAT_SCORES = (*LOCALISATION_SCORES, "func_iou", *FAITHFULNESS_SCORES, "target_prob")
+# Answer grounding (METHOD.md §5.12): the word's probability with the image, with every image token
+# blanked, and their difference. A property of the answer, not of the map.
+GROUNDING_SCORES = ("target_prob", "blind_prob", "image_reliance")
+FLOAT_SCORES = (*LOCALISATION_SCORES, "func_iou", *FAITHFULNESS_SCORES, *GROUNDING_SCORES)
 # The per-row scores that run summaries, eval-cam and the report tabulate (means, intervals, gates).
 TABLE_SCORES = ("obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "contrast", "concentration", "f3",
                 *FAITHFULNESS_SCORES)
