@@ -176,7 +176,7 @@ def grounding_table(rows: list[dict], dim: str, limit: int) -> Safe:
     """Blind share with its Wilson interval and mean image reliance per value of `dim`."""
     shown = sorted(rows, key=lambda r: -r["words"])[:limit]
     body = [[r["method"], r["refine"], r["key"], r["words"], r["blind"],
-             interval_cell(dict(mean=r["blind_rate"], lo=r["lo"], hi=r["hi"])), fmt(r["image_reliance"])]
+             interval_cell(dict(mean=r["blind_rate"], lo=r["lo"], hi=r["hi"], n=r["words"])), fmt(r["image_reliance"])]
             for r in shown]
     more = f" (top {limit} of {len(rows)} by words; all in summary.parquet)" if len(rows) > limit else ""
     head = ["method", "refine", dim, "content words", "given without looking", "share (95% CI)", "mean reliance"]
@@ -199,7 +199,7 @@ def render_grounding(ctx, limit: int = 25) -> Safe:
     parts += [grounding_table(g["breakdowns"].get(dim, []), dim, limit) for dim in ("word_type", "category", "token")]
     items = ctx.scan.tops["blind"].items
     cards = "".join(blind_card(ctx, it) for it in items) or '<p class="note">No rows.</p>'
-    parts.append(f"<h3>Least image-reliant answers ({len(items)})</h3><div class=\"grid wide\">{cards}</div>")
+    parts.append(f"<h3>Least image-reliant answers ({len(items)})</h3><div class=\"grid\">{cards}</div>")
     note = (f"Per explained content word (word type other than \u201cfunction\u201d): image reliance = p(word | image) "
             "\u2212 p(word | every image token blanked), both at the word's own denoising state. A word is given "
             f"without looking when its image reliance is below {thr:g} (report.grounding_threshold). This judges "
@@ -212,7 +212,7 @@ def render_grounding(ctx, limit: int = 25) -> Safe:
 def _blind_share(m: dict) -> dict:
     """The blind share (1 - grounded_rate) with its interval."""
     flip = lambda v: None if v is None else 1.0 - v  # noqa: E731
-    return dict(mean=flip(m.get("mean")), lo=flip(m.get("hi")), hi=flip(m.get("lo")))
+    return dict(mean=flip(m.get("mean")), lo=flip(m.get("hi")), hi=flip(m.get("lo")), n=m.get("n"))
 
 
 def render_breakdowns(ctx, limit: int = 25) -> Safe:
