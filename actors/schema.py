@@ -51,7 +51,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("refine", "string", "enabled refinement modules (`dacg+cba+sicd`, ... or `none`)"),
     Column("hook", "string", "hook point"),
     Column("layer", "int32", "the hook's block index"),
-    Column("state", "string", "attribution state (`trajectory`, `remask_target`, `teacher_forced`, `last_step`)"),
+    Column("state", "string", "attribution state (`trajectory`, `remask_target`, `teacher_forced`, `last_step`; "
+                              "`trajectory_committed`: a per_step row after the commit step, the token already visible)"),
     Column("step", "int32", "denoising step of the state"),
     Column("map", "list<float32>", "refined map, row-major on the image-token grid"),
     Column("map_h", "int32", "grid rows"),

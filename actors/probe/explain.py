@@ -65,6 +65,7 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
             with _phase(timings, "faithfulness"):
                 _add_faithfulness(backend, batch, targets, maps, cfg)
         for t, m in zip(targets, maps):
+            m.state = t.state
             results[batch.source_index[t.sample]].maps.setdefault(name, []).append(m)
     for j, i in enumerate(batch.source_index):
         r = results[i]
