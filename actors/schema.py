@@ -22,8 +22,11 @@ LOCALISATION_SCORES = ("obj_iou", "obj_iou_bestclass", "precision", "recall", "f
                        "concentration", "f3", "pointing", "pointing_tol", "energy", "wrong_object")
 # Faithfulness measured with the model itself (no labels needed).
 FAITHFULNESS_SCORES = ("deletion_auc", "insertion_auc")
+# Answer grounding, per explained token (METHOD.md §5.12): its probability with every image token
+# blanked, and target_prob - blind_prob (no labels needed).
+GROUNDING_SCORES = ("blind_prob", "image_reliance")
 # Every float64 score column of an output row, in order.
-FLOAT_SCORES = (*LOCALISATION_SCORES, "func_iou", *FAITHFULNESS_SCORES, "target_prob")
+FLOAT_SCORES = (*LOCALISATION_SCORES, "func_iou", *FAITHFULNESS_SCORES, "target_prob", *GROUNDING_SCORES)
 # The per-row scores that run summaries, eval-cam and the report tabulate (means, intervals, gates).
 TABLE_SCORES = ("obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "contrast", "concentration", "f3",
                 *FAITHFULNESS_SCORES)
@@ -31,6 +34,12 @@ TABLE_SCORES = ("obj_iou", "pointing", "pointing_tol", "energy", "wrong_object",
 MAP_STATS = ("map_top10", "map_entropy")
 # For these a lower value is better (a fail-under gate fails when the value is above its threshold).
 LOWER_BETTER = frozenset({"deletion_auc", "wrong_object", "map_entropy"})
+
+_SCORE_MEANINGS = {
+    "target_prob": "probability of the explained token in its attribution state",
+    "blind_prob": "its probability in the same state with every image token blanked (METHOD.md §5.12)",
+    "image_reliance": "target_prob - blind_prob: how much of the confidence the image supplies (METHOD.md §5.12)",
+}
 
 # Output rows of one input row are identified by these (the sink de-duplicates on them).
 DEDUP_KEY = ("row_index", "method", "token_index", "step")
@@ -51,13 +60,14 @@ COLUMNS: tuple[Column, ...] = (
     Column("refine", "string", "enabled refinement modules (`dacg+cba+sicd`, ... or `none`)"),
     Column("hook", "string", "hook point"),
     Column("layer", "int32", "the hook's block index"),
-    Column("state", "string", "attribution state (`trajectory`, `remask_target`, `teacher_forced`, `last_step`)"),
+    Column("state", "string", "attribution state (`trajectory`, `remask_target`, `teacher_forced`, `last_step`; "
+                              "`trajectory_committed`: a per_step row after the commit step, the token already visible)"),
     Column("step", "int32", "denoising step of the state"),
     Column("map", "list<float32>", "refined map, row-major on the image-token grid"),
     Column("map_h", "int32", "grid rows"),
     Column("map_w", "int32", "grid columns"),
     Column("raw_map", "list<float32>", "the map before refinement"),
-    *(Column(k, "float64", "score (METHOD.md §5)") for k in FLOAT_SCORES),
+    *(Column(k, "float64", _SCORE_MEANINGS.get(k, "score (METHOD.md §5)")) for k in FLOAT_SCORES),
     Column("status", "string", "`ok` or `error`"),
     Column("error", "string", "reason (credential-free)"),
     Column("error_kind", "string", "reason class"),

@@ -97,11 +97,12 @@ class RefineScoreStage:
                    response_source=payload["response_source"], token=m["token"], token_index=int(m["position"]),
                    word_type=m.get("word_type"), object_id=None if obj is None else int(obj["id"]),
                    category=None if obj is None else obj.get("category"), method=name, refine=refine_label,
-                   hook=meta["hook"], layer=layer_of(meta["hook"]), state=meta["state"],
+                   hook=meta["hook"], layer=layer_of(meta["hook"]), state=m.get("state") or meta["state"],
                    step=None if m["step"] is None else int(m["step"]),
                    map=fine.astype(np.float32).ravel(), map_h=int(fine.shape[0]), map_w=int(fine.shape[1]),
                    raw_map=m["raw_map"].astype(np.float32).ravel(), target_prob=m["target_prob"],
-                   deletion_auc=finite_or_none(m["deletion_auc"]), insertion_auc=finite_or_none(m["insertion_auc"]))
+                   deletion_auc=finite_or_none(m["deletion_auc"]), insertion_auc=finite_or_none(m["insertion_auc"]),
+                   blind_prob=finite_or_none(m.get("blind_prob")), image_reliance=finite_or_none(m.get("image_reliance")))
         scores = dict.fromkeys(LOCALISATION_SCORES)
         if mask is not None and obj is not None:  # tolerant pointing radius: scores.token_cell_px / 2
             scores.update({k: finite_or_none(v) for k, v in score_map(fine, mask, int(obj["id"])).items() if k in LOCALISATION_SCORES})

@@ -70,6 +70,7 @@ def _sample_rows(i: int, seed: int, shard: str, methods, steps: int, masks: bool
                 model_id="tiny-dmllm", config_hash="synthhash01", probe_ms=float(rng.uniform(20, 60)),
                 refine_ms=float(rng.uniform(1, 3)), hook="blocks.2", layer=2, state="trajectory")
     rows, good = [], rng.random() > 0.3
+    blind_rng = np.random.default_rng([seed, i, 11])  # own stream: the other columns stay as they were
     for j, o in enumerate(sc.objects):
         x0, y0, x1, y1 = o["bbox"]
         cx, cy = (x0 + x1) / 2 / size * GRID, (y0 + y1) / 2 / size * GRID
@@ -85,6 +86,7 @@ def _sample_rows(i: int, seed: int, shard: str, methods, steps: int, masks: bool
                                deletion_auc=float(np.clip(rng.normal(0.3 if good else 0.6, 0.1), 0, 1)),
                                insertion_auc=float(np.clip(rng.normal(0.6 if good else 0.3, 0.1), 0, 1)),
                                target_prob=float(rng.uniform(0.3, 1)))
+                    row.update(_grounding(row["target_prob"], good, blind_rng))
                     if masks:
                         sco = map_scores(m, sc.mask, o["id"])
                         con = float(rng.uniform(2, 40))
@@ -95,6 +97,13 @@ def _sample_rows(i: int, seed: int, shard: str, methods, steps: int, masks: bool
                     rows.append(row)
     rows[0].update(thumbnail=_png(sc.image), mask_thumbnail=_png(sc.mask) if masks else None)
     return rows
+
+
+def _grounding(target_prob: float, good: bool, rng: np.random.Generator) -> dict:
+    """blind_prob and image_reliance of a synthetic word: a well-grounded sample's words lose most of
+    their probability without the image; otherwise about half are given without looking."""
+    blind = target_prob * rng.uniform(0, 0.1) if good or rng.random() < 0.5 else target_prob - rng.uniform(0, 0.015)
+    return dict(blind_prob=float(blind), image_reliance=float(target_prob - blind))
 
 
 def _error_row(i: int, shard: str, texts: dict | None = None) -> dict:

@@ -32,7 +32,7 @@ from dcam.pipeline.console import emit, format_table, log
 
 CONTENT, FUNCTION = ("colour", "shape"), ("function",)
 CONDITIONS = ("model", "blank_image", "other_image", "untrained")
-SWEEP = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)  # thresholds at which the shares given without looking are reported
+SWEEP = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)  # thresholds at which the shares given without looking are reported
 
 
 def auroc(positive, negative) -> float:

@@ -133,6 +133,8 @@ class ReportSection:
     fail_under: Optional[str] = key(check=check_fail_under,
                                     doc="e.g. obj_iou=0.30,pointing=0.8: exit 2 when missed")
     max_error_rate: float = key(ge=0, le=1, doc="exit 2 when more input rows than this share are errors")
+    grounding_threshold: float = key(ge=-1, le=1, doc="a content word with image_reliance below this was "
+                                                      "'given without looking' (README)")
 
 
 @dataclass
@@ -168,15 +170,17 @@ class RunConfig:
         """Rules between keys (None when fine)."""
         from dcam.actors.schema import TABLE_SCORES
         from dcam.pipeline.report.gate import parse_thresholds
+        from dcam.pipeline.report.grounding import GROUNDING_METRICS
 
         if cfg.lease.heartbeat_s > cfg.lease.ttl_s / 2:
             return f"lease.heartbeat_s = {cfg.lease.heartbeat_s}: must be at most lease.ttl_s / 2 ({cfg.lease.ttl_s / 2})"
         if cfg.actors.pool_max < cfg.actors.pool_min:
             return f"actors.pool_max = {cfg.actors.pool_max}: must be >= actors.pool_min ({cfg.actors.pool_min})"
-        needs_report = [k for k in parse_thresholds(cfg.report.fail_under) if k not in (*TABLE_SCORES, "error_rate")]
+        run_metrics = (*TABLE_SCORES, *GROUNDING_METRICS, "error_rate")  # what the run's own summary computes
+        needs_report = [k for k in parse_thresholds(cfg.report.fail_under) if k not in run_metrics]
         if needs_report and not cfg.report.enabled:
             return (f"report.fail_under uses {needs_report}, which only the report computes: set report.enabled=true "
-                    f"or gate on {', '.join((*TABLE_SCORES, 'error_rate'))}")
+                    f"or gate on {', '.join(run_metrics)}")
         return None
 
 

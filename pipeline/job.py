@@ -271,9 +271,11 @@ def run_job(cfg, log=print) -> dict:
 
 def complete_run(run: RunDir, d: dict, h: str, counts: dict, accounting, lease: OutputLease, log) -> dict:
     """Cross-check the results against the accounting, write _SUCCESS (fenced), then summary and report."""
+    from dcam.pipeline.report.grounding import DEFAULT_GROUNDING_THRESHOLD
     from dcam.pipeline.report.summary import finish_run, results_summary
 
-    s = results_summary(run, h, counts, accounting)
+    threshold = (d.get("report") or {}).get("grounding_threshold", DEFAULT_GROUNDING_THRESHOLD)
+    s = results_summary(run, h, counts, accounting, threshold)
     lease.fence("writing _SUCCESS")
     run.write_text(SUCCESS, json.dumps(dict(config_hash=h, shards=len(accounting.expected), lease=lease.run_id,
                                             **{k: accounting.to_dict()[k] for k in ("expected_inputs", "present_inputs")})))

@@ -86,6 +86,7 @@ from dcam.actors.models.protocol import (
     SampleError,
     StructuralStateError,
 )
+from dcam.actors.models.remasking import order_lowest_first
 
 log = logging.getLogger(__name__)
 
@@ -513,9 +514,12 @@ class DiffusionGemmaBackend(Backend):
 
     def _accept_and_renoise(self, processed, denoised, canvas, active: list[int], gens) -> tuple:
         """EntropyBoundSampler.accept_canvas (lowest-entropy positions while their cumulative entropy
-        stays within the bound), then renoise_canvas: fresh uniform tokens wherever not accepted."""
+        stays within the bound), then renoise_canvas: fresh uniform tokens wherever not accepted.
+        Equal entropies are taken lowest position first (the mixin's unstable sort leaves that to the
+        device), so which of two tied positions is accepted at the bound is deterministic."""
         entropy = torch.distributions.Categorical(logits=processed).entropy()
-        sorted_h, order = torch.sort(entropy, dim=-1)
+        order = order_lowest_first(entropy, descending=False)  # equal entropies: lowest position first
+        sorted_h = entropy.gather(-1, order)
         sel = (torch.cumsum(sorted_h, dim=-1) - sorted_h) <= self.entropy_bound
         accept = torch.scatter(torch.zeros_like(sel), -1, order, sel)
         accepted = torch.where(accept, denoised, canvas)

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from dcam.actors.models.llada_backend import LladaFamilyBackend, top_k_lowest_first
+from dcam.actors.models.llada_backend import LladaFamilyBackend
 from dcam.actors.models.llada_lm import OLMO_RULES, LladaLMConfig, PrefixKV, positions, prefix_dlm_mask
 from dcam.actors.models.llada_mm import ImageLayout
 from dcam.actors.models.protocol import Generation
+from dcam.actors.models.remasking import top_k_lowest_first
 from dcam.actors.models.siglip_tower import VISION_RULES
 
 MODEL_TYPES = ("llava_llada",)  # LaViDa's config.json model_type (its auto_map code is never executed)

@@ -293,14 +293,3 @@ class LladaFamilyBackend(Backend):
         s = self.token_str(token_id).strip()
         return any(ch.isalnum() for ch in s) and not all(unicodedata.category(ch).startswith("P") for ch in s)
 
-
-def top_k_lowest_first(confidence: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """(B, L) bool: each row's k most confident positions; among exactly equal confidences the lowest
-    position wins (a stable descending sort), so the commit order is deterministic. Positions with
-    confidence -inf (committed, or outside the current block) are never taken."""
-    B, L = confidence.shape
-    k = torch.as_tensor(k, device=confidence.device).expand(B) if not torch.is_tensor(k) or k.dim() == 0 else k
-    order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(L, device=confidence.device).expand(B, L))
-    return (rank < k.to(confidence.device)[:, None]) & (confidence > float("-inf"))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel
 
 from dcam.actors import scenes
+from dcam.actors.models.remasking import top_k_lowest_first
 
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[EOS]")
 PROMPT_WORDS = ("describe", "the", "image", "what", "is", "in", "caption")
@@ -350,7 +351,8 @@ def denoise(model: TinyDMLLM, pixels, prompt_ids, steps: int | None = None, bloc
             temperature: float = 0.0, generator: torch.Generator | None = None,
             forced_ids: torch.Tensor | None = None, use_prefix_cache: bool = True) -> Trajectory:
     """Low-confidence remasking (LLaDA's generate): start from an all-MASK canvas; at each step
-    predict every masked position and commit the most confident ones. Semi-autoregressive blocks
+    predict every masked position and commit the most confident ones (exact ties: the lowest
+    position first, models.remasking). Semi-autoregressive blocks
     of `block_length` are denoised left to right. temperature 0 is greedy; otherwise Gumbel-max
     sampling with the given torch.Generator (required, so runs are reproducible).
 
@@ -396,10 +398,10 @@ def denoise(model: TinyDMLLM, pixels, prompt_ids, steps: int | None = None, bloc
             open_ = (x == mask_id)
             open_[:, :lo] = False
             open_[:, hi:] = False
-            conf = torch.where(open_, conf, torch.full_like(conf, -1.0))
-            idx = conf.topk(n_commit, dim=1).indices
-            x.scatter_(1, idx, pred.gather(1, idx))
-            commit.scatter_(1, idx, torch.full_like(idx, step))
+            conf = torch.where(open_, conf, torch.full_like(conf, float("-inf")))
+            take = top_k_lowest_first(conf, n_commit)  # ties (common at float32 1.0): lowest position
+            x = torch.where(take, pred, x)
+            commit = torch.where(take, torch.full_like(commit, step), commit)
             step += 1
     return Trajectory(ids=x, commit_step=commit, n_steps=step)
 

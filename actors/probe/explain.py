@@ -4,7 +4,8 @@ generation (METHOD.md §2).
 1. obtain the response (targets.obtain_response) and the explained positions;
 2. per method, build the attribution rows in the method's state (targets.build_targets);
 3. form the maps with the method's variant (variants.get_variant(...).explain);
-4. optionally, deletion/insertion faithfulness curves of those maps (faithfulness.py).
+4. optionally, deletion/insertion faithfulness curves of those maps (faithfulness.py);
+5. answer grounding of every row: blind_prob, image_reliance (grounding.py, METHOD.md §5.12).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from dcam.actors.models.protocol import Backend, SampleError
 from dcam.actors.probe.faithfulness import faithfulness
 from dcam.actors.probe.grid import TokenMap
+from dcam.actors.probe.grounding import add_blind_probs
 from dcam.actors.probe.targets import (
     ProbeConfig,
     Target,
@@ -64,7 +66,10 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
         if cfg.faithfulness_steps:
             with _phase(timings, "faithfulness"):
                 _add_faithfulness(backend, batch, targets, maps, cfg)
+        with _phase(timings, "grounding"):
+            add_blind_probs(backend, batch, targets, maps, cfg.rows_per_pass)
         for t, m in zip(targets, maps):
+            m.state = t.state
             results[batch.source_index[t.sample]].maps.setdefault(name, []).append(m)
     for j, i in enumerate(batch.source_index):
         r = results[i]

@@ -12,7 +12,9 @@ from dcam.actors.models.protocol import PreparedBatch, StructuralStateError
 @dataclass
 class TokenMap:
     """One explained token's map: sample index in the prepared batch, canvas position, token,
-    the denoising step of its state (None: teacher-forced), the map and the token's probability."""
+    the denoising step of its state (None: teacher-forced), the map and the token's probability;
+    `state` is the output row's state label (targets.state_label; None: the method's state);
+    `blind_prob` / `image_reliance`: the answer-grounding pair of the same state (probe.grounding)."""
     sample: int
     position: int
     token_id: int
@@ -22,6 +24,9 @@ class TokenMap:
     target_prob: float
     deletion_auc: float = float("nan")
     insertion_auc: float = float("nan")
+    state: str | None = None
+    blind_prob: float = float("nan")
+    image_reliance: float = float("nan")
 
 
 def slice_grid(act: torch.Tensor, batch: PreparedBatch, rows: torch.Tensor, hook: str, stream: str,

@@ -63,6 +63,15 @@ def _blind_chunk(backend: Backend, batch: PreparedBatch, chunk: list[Target]) ->
     return logits[n, pos].double().softmax(-1)[n, y].cpu().numpy()
 
 
+def add_blind_probs(backend: Backend, batch: PreparedBatch, targets: list[Target], maps: list, rows_per_pass: int) -> None:
+    """Sets `blind_prob` and `image_reliance` on each target's map (maps[k] explains targets[k]):
+    one no-grad forward row per attribution row, batched across the probe batch."""
+    blind = blind_probs(backend, batch, targets, rows_per_pass)
+    reliance = image_reliance([m.target_prob for m in maps], blind)
+    for m, b, r in zip(maps, blind, reliance):
+        m.blind_prob, m.image_reliance = float(b), float(r)
+
+
 def image_reliance(target_prob, blind_prob) -> np.ndarray:
     """target_prob - blind_prob, elementwise (NaN where either is missing)."""
     return np.asarray(target_prob, dtype=np.float64) - np.asarray(blind_prob, dtype=np.float64)

@@ -39,15 +39,22 @@ class ProbeConfig:
             raise ValueError(f"probe.contrast must be one of {CONTRASTS} or 'word:<w>', got {self.contrast!r}")
 
 
+# The state label of a `per_step` trajectory row whose step comes after the token's commit step:
+# its canvas already shows the explained token, so it is not the state the token was decided in.
+COMMITTED_LABEL = "trajectory_committed"
+
+
 @dataclass
 class Target:
     """One attribution row: sample `sample` (index in the prepared batch), canvas position
-    `position`, state `state` of step `step` (None for teacher_forced)."""
+    `position`, the canvas state of step `step` (None for teacher_forced), and `state`, the label
+    written to the output row (the method's state, or COMMITTED_LABEL, see state_label)."""
     sample: int
     position: int
     token_id: int
     step: int | None
     canvas: torch.Tensor = field(repr=False)
+    state: str | None = None
 
 
 def obtain_response(backend: Backend, batch: PreparedBatch, seed: int) -> Generation:
@@ -116,8 +123,15 @@ def build_targets(backend: Backend, gen: Generation, cfg: ProbeConfig, positions
             steps = range(gen.n_steps) if cfg.per_step else [commit]
             for s in steps:
                 out.append(Target(i, p, int(gen.ids[i, p]), s if cfg.state != "teacher_forced" else None,
-                                  _canvas(backend, gen, i, p, s, cfg.state)))
+                                  _canvas(backend, gen, i, p, s, cfg.state), state_label(cfg.state, s, commit)))
     return out
+
+
+def state_label(state: str, step: int, commit: int) -> str:
+    """The output row's `state`: the method's state, except a `trajectory` row of a step after the
+    token's commit step (only with per_step), whose canvas `state_before(step)` already holds the
+    token: `trajectory_committed`, so it is never read as the state the token was decided in."""
+    return COMMITTED_LABEL if state == "trajectory" and step > commit else state
 
 
 def _canvas(backend: Backend, gen: Generation, i: int, p: int, step: int, state: str) -> torch.Tensor:

@@ -12,8 +12,10 @@ Memory is bounded: one streaming pass over the result files reads only scalar co
 pairs rows one input shard at a time (pipeline.report_drift). Headline metric names (usable in
 --fail-under): obj_iou, contrast, concentration, f3 (paper's aggregation of the dataset means),
 f3_mean (mean of the per-row F3), pointing, pointing_tol, energy, wrong_object, deletion_auc,
-insertion_auc, map_top10 (share of map mass in the top 10% of cells), map_entropy (normalised).
-Lower is better for deletion_auc, wrong_object and map_entropy.
+insertion_auc, map_top10 (share of map mass in the top 10% of cells), map_entropy (normalised),
+image_reliance and grounded_rate (content words; pipeline/report/grounding.py). Lower is better for
+deletion_auc, wrong_object and map_entropy. Options: k, resamples, seed, grounding_threshold (default:
+the run's report.grounding_threshold).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from dcam.pipeline.manifest import MANIFEST, SUCCESS, RunDir
 from dcam.pipeline.report.audit import audit_trail, audit_warnings
 from dcam.pipeline.report.drift import Drift
 from dcam.pipeline.report.gate import gate, parse_thresholds
+from dcam.pipeline.report.grounding import DEFAULT_GROUNDING_THRESHOLD, GROUNDING_DIMS
 from dcam.pipeline.report.scan import (
     BOOT_METRICS,
     BREAKDOWN_DIMS,
@@ -47,6 +50,7 @@ from dcam.pipeline.report.sections import (
     render_drift,
     render_failures,
     render_galleries,
+    render_grounding,
     render_headline,
     render_histograms,
     render_label_free,
@@ -58,8 +62,8 @@ from dcam.pipeline.storage import join_url, open_fs, redact, secrets_of, with_re
 
 FETCH_COLS = ["id", "shard", "row_index", "response", "token", "token_index", "object_id", "method", "refine", "step",
               "map", "map_h", "map_w", "obj_iou", "pointing", "energy", "deletion_auc", "insertion_auc", "thumbnail",
-              "mask_thumbnail"]
-OPTIONS = dict(k=8, resamples=1000, seed=0)
+              "mask_thumbnail", "word_type", "category", "target_prob", "blind_prob", "image_reliance"]
+OPTIONS = dict(k=8, resamples=1000, seed=0, grounding_threshold=None)
 
 
 class NoRunError(ValueError):
@@ -178,7 +182,7 @@ def warnings_for(s: dict, scan: RunScan) -> list[str]:
         w.append("Every input row failed: see Failures.")
     if s["headline"] and all(r["metrics"]["obj_iou"]["n"] == 0 for r in s["headline"]):
         w.append("No masks in this corpus (Obj-IoU is null everywhere): localisation scores are empty; "
-                 "use the label-free audit.")
+                 "use Map faithfulness and Given without looking.")
     if len(scan.hashes) > 1:
         w.append(f"Results come from {len(scan.hashes)} config hashes: {sorted(scan.hashes)}.")
     return w
@@ -198,7 +202,7 @@ def summarise(run: RunDir, run_url: str, storage_options: dict, info: dict, file
              breakdowns={d: scan.breakdowns.table(d) for d in BREAKDOWN_DIMS}, failures=scan.failures.table(),
              galleries={k: [{c: it[c] for c in ("shard", "row_index", "method", "refine", "token_index", "step", "id",
                                                  "token", "score")} for it in t.items] for k, t in scan.tops.items()},
-             multistep=scan.multistep,
+             multistep=scan.multistep, grounding=grounding_summary(scan),
              bootstrap=dict(resamples=opts["resamples"], seed=opts["seed"], kind="poisson (streaming)"))
     if drift is not None:
         s["drift"] = dict(baseline=s["baseline"], counts=drift.counts, table=drift.table())
@@ -206,6 +210,21 @@ def summarise(run: RunDir, run_url: str, storage_options: dict, info: dict, file
     s["audit"] = audit_trail(scan, info, read_run_config(run), s["inputs"], len(files))
     s["warnings"] = warnings_for(s, scan) + audit_warnings(s["audit"])
     return s
+
+
+def grounding_summary(scan: RunScan) -> dict:
+    """The "Given without looking" figures: threshold and the per word / word type / category tables."""
+    return dict(threshold=scan.grounding_threshold,
+                breakdowns={d: scan.grounding.table(d) for d in GROUNDING_DIMS})
+
+
+def grounding_threshold_of(run: RunDir, opts: dict) -> float:
+    """The threshold: `grounding_threshold=` given to `dcam report`, else the run's own
+    report.grounding_threshold (config.json), else the default."""
+    if opts.get("grounding_threshold") is not None:
+        return float(opts["grounding_threshold"])
+    stored = ((read_run_config(run) or {}).get("config") or {}).get("report") or {}
+    return float(stored.get("grounding_threshold", DEFAULT_GROUNDING_THRESHOLD))
 
 
 def summary_table(s: dict) -> pa.Table:
@@ -220,6 +239,13 @@ def summary_table(s: dict) -> pa.Table:
                       r[m], None, None, r[f"{m}_n"]) for m in BOOT_METRICS if m in r]
             rows.append((f"breakdown:{dim}", r["method"], r["refine"], None if r["key"] is None else str(r["key"]),
                          "rows", float(r["rows"]), None, None, r["rows"]))
+    for dim, table in (s.get("grounding") or {}).get("breakdowns", {}).items():
+        for r in table:
+            key = None if r["key"] is None else str(r["key"])
+            rows.append((f"grounding:{dim}", r["method"], r["refine"], key, "blind_rate", r["blind_rate"], r["lo"],
+                         r["hi"], r["words"]))
+            rows.append((f"grounding:{dim}", r["method"], r["refine"], key, "image_reliance", r["image_reliance"],
+                         None, None, r["words"]))
     for r in (s.get("drift") or {}).get("table", []):
         rows += [("drift", r["method"], r["refine"], None, m, d["delta"], d["lo"], d["hi"], d["n"])
                  for m, d in r["metrics"].items()]
@@ -256,14 +282,16 @@ def generate_report(run_url: str, storage_options: dict | None = None, out_dir: 
     require_run(run, redact(run_url, secrets_of(storage_options)))
     files = result_files(run.fs, run.root)
     log(f"report: scanning {len(files)} result files of {redact(run_url, secrets_of(storage_options))}")
-    scan = RunScan(k=opts["k"], resamples=opts["resamples"], seed=opts["seed"]).scan(run.fs, files)
+    threshold = grounding_threshold_of(run, opts)
+    scan = RunScan(k=opts["k"], resamples=opts["resamples"], seed=opts["seed"],
+                   grounding_threshold=threshold).scan(run.fs, files)
     drift = None
     if baseline_url:
         base = RunDir(baseline_url, storage_options)
         require_run(base, redact(baseline_url, secrets_of(storage_options)))
         base_files = shards_of_files(base.fs, result_files(base.fs, base.root))
         log(f"report: pairing with the baseline ({len(base_files)} shards)")
-        drift = Drift(k=opts["k"], resamples=opts["resamples"], seed=opts["seed"]).run(
+        drift = Drift(k=opts["k"], resamples=opts["resamples"], seed=opts["seed"], grounding_threshold=threshold).run(
             run.fs, scan.files_by_shard, base.fs, base_files)
     fetched = _fetch(run, scan, drift)
     summary = summarise(run, run_url, storage_options, run_info(run), files, scan, drift, baseline_url, opts)
@@ -272,7 +300,7 @@ def generate_report(run_url: str, storage_options: dict | None = None, out_dir: 
         summary["fail_under"] = {**summary["fail_under"], "passed": False,
                                  "reasons": [accounting_failure(summary), *summary["fail_under"]["reasons"]]}
     ctx = Context(summary, scan, drift, fetched)
-    body = [render_headline(ctx), render_audit(ctx), render_label_free(ctx), render_breakdowns(ctx),
+    body = [render_headline(ctx), render_audit(ctx), render_grounding(ctx), render_label_free(ctx), render_breakdowns(ctx),
             render_histograms(ctx), render_galleries(ctx), render_steps(ctx), render_failures(ctx), render_drift(ctx)]
     meta = [f"run: {summary['run']}", f"model: {', '.join(summary['model_ids']) or '-'} \u00b7 config: "
             f"{', '.join(summary['config_hashes']) or '-'} \u00b7 {summary['files']} result files"
@@ -314,7 +342,7 @@ def parse_options(overrides: list[str] | None) -> dict:
 
 def format_text(s: dict) -> str:
     """The headline as a terminal table."""
-    cols = ["rows", "obj_iou", "f3", "pointing", "energy", "deletion_auc", "map_top10"]
+    cols = ["rows", "obj_iou", "f3", "pointing", "energy", "deletion_auc", "map_top10", "grounded_rate"]
     rows = [dict(method=r["method"], refine=r["refine"], rows=r["rows"], **{c: r["metrics"][c]["mean"] for c in cols[1:]})
             for r in s["headline"]]
     lines = [f"dcam report {s['run']}: {s['inputs']} input rows, {s['ok']} ok, {s['inputs'] - s['ok']} errors, "

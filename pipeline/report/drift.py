@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dcam.pipeline.report.grounding import DEFAULT_GROUNDING_THRESHOLD, GROUNDING_METRICS, grounding_columns
 from dcam.pipeline.report.scan import (
     BOOT_CHUNK,
     ROW_METRICS,
@@ -30,9 +31,10 @@ from dcam.pipeline.report.scan import (
 
 PAIR_KEY = ("shard", "row_index", "method", "token_index", "step")
 F3_PARTS = ("obj_iou", "contrast", "concentration")
-DRIFT_METRICS = ROW_METRICS + ("map_l1", "map_cos")
-DRIFT_COLS = ["shard", "row_index", "method", "refine", "token_index", "step", "id", "token", "status",
-              *ROW_METRICS, "map", "map_h", "map_w"]
+PAIRED_METRICS = ROW_METRICS + GROUNDING_METRICS  # per-row values differenced between the runs
+DRIFT_METRICS = PAIRED_METRICS + ("map_l1", "map_cos")
+DRIFT_COLS = ["shard", "row_index", "method", "refine", "token_index", "step", "id", "token", "status", "word_type",
+              *ROW_METRICS, "image_reliance", "map", "map_h", "map_w"]
 
 
 def shard_table(fs, files: list[str], shard: str) -> pa.Table:
@@ -81,8 +83,10 @@ def map_distances(ca, cb) -> tuple[np.ndarray, np.ndarray]:
 class Drift:
     """Accumulates paired deltas shard by shard; `table()` and `moved` give the results."""
 
-    def __init__(self, k: int = 8, resamples: int = 1000, seed: int = 0):
+    def __init__(self, k: int = 8, resamples: int = 1000, seed: int = 0,
+                 grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD):
         self.rng = np.random.default_rng(seed + 1)
+        self.grounding_threshold = float(grounding_threshold)
         self.delta = GroupBootstrap(DRIFT_METRICS, resamples)
         self.this, self.base = GroupBootstrap(F3_PARTS, resamples), GroupBootstrap(F3_PARTS, resamples)
         self.moved = TopK(k, largest=True)
@@ -107,8 +111,7 @@ class Drift:
             return
         self.counts["pairs"] += len(ia)
         a, b = a.take(pa.array(ia)), b.take(pa.array(ib))
-        xa = np.column_stack([a.column(m).to_numpy(zero_copy_only=False).astype(np.float64) for m in ROW_METRICS])
-        xb = np.column_stack([b.column(m).to_numpy(zero_copy_only=False).astype(np.float64) for m in ROW_METRICS])
+        xa, xb = self._paired_values(a), self._paired_values(b)
         both = ~np.isnan(xa) & ~np.isnan(xb)
         xa, xb = np.where(both, xa, np.nan), np.where(both, xb, np.nan)
         l1, cos = map_distances(a.column("map"), b.column("map"))
@@ -124,6 +127,12 @@ class Drift:
             self.this.add(codes[s], xa[s][:, parts], w)
             self.base.add(codes[s], xb[s][:, parts], w)
         self.moved.offer(cos, lambda i: _moved_item(a, b, i, l1[i]), sample_word_groups(a))
+
+    def _paired_values(self, t: pa.Table) -> np.ndarray:
+        """(n, len(PAIRED_METRICS)) float64: the row scores, then image_reliance and grounded of content words."""
+        x = [t.column(m).to_numpy(zero_copy_only=False).astype(np.float64) for m in ROW_METRICS]
+        rel = t.column("image_reliance").to_numpy(zero_copy_only=False).astype(np.float64)
+        return np.column_stack([*x, grounding_columns(rel, t.column("word_type"), self.grounding_threshold)])
 
     def table(self) -> list[dict]:
         """Per (method, refine): pairs and {metric: {delta, lo, hi, n}} including f3 and map_l1/map_cos."""

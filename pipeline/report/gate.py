@@ -9,6 +9,9 @@
   that the pipeline could read, not the corpus; below it, a few unreadable images or dead URLs
   are listed under Failures without failing the audit. 1.0 disables it; curated corpora may want
   0.01.
+- grounded_rate: `--fail-under grounded_rate=0.9` fails when fewer than 90% of the explained
+  content words depend on the image (image_reliance >= report.grounding_threshold;
+  pipeline/report/grounding.py). It is computed by the run itself too, so it gates with the report off.
 - partial runs: a fail-under gate on a run without `_SUCCESS` fails (its figures cover only the
   shards written so far) unless `--allow-partial` is given.
 """
@@ -16,9 +19,10 @@ from __future__ import annotations
 
 from dcam.actors.numeric import is_missing
 from dcam.actors.schema import LOWER_BETTER
+from dcam.pipeline.report.grounding import GROUNDING_METRICS
 from dcam.pipeline.report.sections import FAITHFULNESS, LOCALISATION
 
-HEADLINE_METRICS = LOCALISATION + FAITHFULNESS
+HEADLINE_METRICS = LOCALISATION + FAITHFULNESS + GROUNDING_METRICS
 GATE_METRICS = (*HEADLINE_METRICS, "error_rate")
 GATE_LOWER_BETTER = LOWER_BETTER | {"error_rate"}
 DEFAULT_MAX_ERROR_RATE = 0.5

@@ -28,18 +28,25 @@ import pyarrow.parquet as pq
 
 from dcam.actors.numeric import finite_or_none
 from dcam.actors.schema import MAP_STATS, TABLE_SCORES
+from dcam.pipeline.report.grounding import (
+    DEFAULT_GROUNDING_THRESHOLD,
+    GROUNDING_DIMS,
+    GROUNDING_METRICS,
+    GroundingTally,
+    grounding_columns,
+)
 from dcam.pipeline.sinks import SCHEMA
 
 # (headline key, source): a Parquet column, or a map statistic computed here.
 ROW_METRICS = TABLE_SCORES
 MAP_METRICS = MAP_STATS
-BOOT_METRICS = ROW_METRICS + MAP_METRICS
+BOOT_METRICS = ROW_METRICS + MAP_METRICS + GROUNDING_METRICS
 BREAKDOWN_DIMS = ("token", "category", "word_type", "shard", "step")
 BREAKDOWN_METRICS = ("obj_iou", "pointing", "energy", "f3", "deletion_auc", "map_top10")
 KEY_COLS = ("shard", "row_index", "method", "refine", "token_index", "step")
 SCAN_COLS = ["id", "shard", "row_index", "token", "token_index", "word_type", "category", "method", "refine", "step",
              "status", "error", "error_kind", "model_id", "config_hash", "response_source", "hook", "state",
-             *ROW_METRICS, "map"]
+             *ROW_METRICS, "image_reliance", "map"]
 MAX_SETTINGS = 64  # distinct (method, refine, hook, state) combinations kept for the audit trail
 BATCH_ROWS = 4096
 BOOT_CHUNK = 1024
@@ -335,12 +342,16 @@ def row_ref(t, i: int) -> dict:
 class RunScan:
     """The one streaming pass over a run (see module doc); call `scan(fs, files)`, then read the fields."""
 
-    def __init__(self, k: int = 8, resamples: int = 1000, seed: int = 0, sample_size: int = 20000, strips: int = 3):
+    def __init__(self, k: int = 8, resamples: int = 1000, seed: int = 0, sample_size: int = 20000, strips: int = 3,
+                 grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD):
         self.rng = np.random.default_rng(seed)
+        self.grounding_threshold = float(grounding_threshold)
+        self.grounding = GroundingTally()
         self.boot = GroupBootstrap(BOOT_METRICS, resamples)
         self.group_rows: dict[int, int] = {}
         self.breakdowns = Breakdowns()
-        self.tops = dict(worst=TopK(k, False), best=TopK(k, True), deletion=TopK(k, True), diffuse=TopK(k, False))
+        self.tops = dict(worst=TopK(k, False), best=TopK(k, True), deletion=TopK(k, True), diffuse=TopK(k, False),
+                         blind=TopK(k, False))
         self.sample = PrioritySample(sample_size, len(BOOT_METRICS))
         self.failures = Failures()
         self.strips: list[tuple] = []
@@ -395,7 +406,8 @@ class RunScan:
     def _targeted(self, t) -> None:
         """Scores of ok rows with an explained token: bootstrap, sample, breakdowns, gallery candidates."""
         top10, ent = map_stats(t.column("map"))
-        x = np.column_stack([col_np(t, m) for m in ROW_METRICS] + [top10, ent])
+        grounding = grounding_columns(col_np(t, "image_reliance"), t.column("word_type"), self.grounding_threshold)
+        x = np.column_stack([col_np(t, m) for m in ROW_METRICS] + [top10, ent, grounding])
         keys = list(zip(t.column("method").to_pylist(), t.column("refine").to_pylist()))
         codes = np.array([self.boot.code(k) for k in keys], np.int64)
         for g, c in zip(*np.unique(codes, return_counts=True)):
@@ -411,6 +423,8 @@ class RunScan:
         self.tops["best"].offer(col["obj_iou"], item, groups)
         self.tops["deletion"].offer(col["deletion_auc"], item, groups)
         self.tops["diffuse"].offer(col["map_top10"], item, groups)
+        self.tops["blind"].offer(col["image_reliance"], item, groups)  # content words only (NaN otherwise)
+        self.grounding.add(t.column("method"), t.column("refine"), {d: t.column(d) for d in GROUNDING_DIMS}, grounding)
         self._find_strips(t)
         if len(self.settings) < MAX_SETTINGS:
             names = ("method", "refine", "hook", "state")

@@ -16,6 +16,7 @@ from dcam.pipeline.report.render import (
     plain_image,
     table,
 )
+from dcam.pipeline.report.grounding import highlight_spans, occurrence_of
 from dcam.pipeline.report.scan import BOOT_METRICS, BREAKDOWN_METRICS
 from dcam.pipeline.report.template import section
 
@@ -26,7 +27,8 @@ HIST_METRICS = ("obj_iou", "contrast", "concentration", "f3", "energy", "deletio
 LABELS = dict(obj_iou="Obj-IoU", contrast="contrast", concentration="concentration", f3="F3 (paper)",
               f3_mean="F3 per-image mean", pointing="pointing", pointing_tol="pointing (tol)", energy="energy",
               wrong_object="wrong object \u2193", deletion_auc="deletion AUC \u2193", insertion_auc="insertion AUC",
-              map_top10="top-10% mass", map_entropy="map entropy \u2193", map_l1="map L1", map_cos="map 1-cos")
+              map_top10="top-10% mass", map_entropy="map entropy \u2193", map_l1="map L1", map_cos="map 1-cos",
+              image_reliance="image reliance", grounded_rate="grounded rate")
 ROW_LABELS = dict(LABELS, f3="F3 (row mean)")  # breakdowns average the per-row F3
 
 
@@ -79,7 +81,7 @@ def card(images, title: str, lines: list[str], text: str | None = None) -> Safe:
     return Safe(f'<div class="card">{imgs}<div class="tok">{esc(title)}</div>{small}{txt}</div>')
 
 
-def row_card(ctx, ref: dict, extra: str) -> Safe:
+def row_card(ctx, ref: dict, extra: str, extra2: str = "") -> Safe:
     """Card of one result row: the plain image and, beside it, the map at the same size (one block
     per token cell), both with the named object's outline; scores below."""
     r = ctx.row(ref) or {}
@@ -91,14 +93,17 @@ def row_card(ctx, ref: dict, extra: str) -> Safe:
              f"IoU {fmt(r.get('obj_iou'))} \u00b7 pt {fmt(r.get('pointing'), 0)} \u00b7 E {fmt(r.get('energy'), 2)}",
              f"del {fmt(r.get('deletion_auc'), 2)} \u00b7 ins {fmt(r.get('insertion_auc'), 2)}",
              f"{ref.get('id')} (row {ref['row_index']})"]
+    if extra2:
+        lines.insert(2, extra2)
     return card(images, str(ref.get("token")), lines, r.get("response"))
 
 
-def gallery(ctx, items: list[dict], label) -> Safe:
-    """A grid of row cards (`label(item)` is an extra caption line)."""
+def gallery(ctx, items: list[dict], label, more=None) -> Safe:
+    """A grid of row cards (`label(item)` is an extra caption line; `more(ctx, item)` another, optional)."""
     if not items:
         return Safe('<p class="note">No rows.</p>')
-    return Safe('<div class="grid wide">' + "".join(row_card(ctx, it, label(it)) for it in items) + "</div>")
+    return Safe('<div class="grid wide">' + "".join(row_card(ctx, it, label(it), more(ctx, it) if more else "")
+                                                  for it in items) + "</div>")
 
 
 def render_galleries(ctx) -> Safe:
@@ -107,7 +112,7 @@ def render_galleries(ctx) -> Safe:
     legend = Safe(MAP_LEGEND)
     if not tops["worst"].items:
         return section("galleries", "Galleries", Safe(legend + '<p class="note">No Obj-IoU in this run (no masks): '
-                                                      'see the label-free audit.</p>'))
+                                                      'see Map faithfulness and Given without looking.</p>'))
     lab = lambda it: f"Obj-IoU {it['score']:.3f}"  # noqa: E731
     body = (legend + f"<h3>Worst {len(tops['worst'].items)} by Obj-IoU</h3>" + gallery(ctx, tops["worst"].items, lab)
             + f"<h3>Best {len(tops['best'].items)} by Obj-IoU</h3>" + gallery(ctx, tops["best"].items, lab))
@@ -115,18 +120,99 @@ def render_galleries(ctx) -> Safe:
 
 
 def render_label_free(ctx) -> Safe:
-    """Label-free audit: faithfulness and concentration tables plus the suspicious rows."""
+    """Map faithfulness without labels: the maps with the highest deletion AUC and the most diffuse maps."""
     tops = ctx.scan.tops
     body = Safe('<p class="note">Figures: the Headline\'s "Faithfulness and map shape" table.</p>' + MAP_LEGEND)
-    body += "<h3>Highest deletion AUC (answer survives deleting the attributed region)</h3>"
-    body += gallery(ctx, tops["deletion"].items, lambda it: f"deletion AUC {it['score']:.3f}")
+    body += "<h3>Highest deletion AUC (the word survives deleting the attributed cells)</h3>"
+    body += gallery(ctx, tops["deletion"].items, lambda it: f"deletion AUC {it['score']:.3f}", reliance_line)
     body += "<h3>Most diffuse maps (lowest top-10% mass)</h3>"
     body += gallery(ctx, tops["diffuse"].items, lambda it: f"top-10% mass {it['score']:.3f}")
-    note = ("No masks needed. A high deletion AUC means the model still gives the word after the attributed "
-            "region is removed: the map did not find what the answer depends on (or the model answered without "
-            "looking). Map concentration: share of attribution mass in the top 10% of cells (higher = more "
-            "focused) and normalised entropy (1 = uniform).")
-    return section("label-free", "Label-free audit", Safe(body), note)
+    note = ("These scores judge the MAP, not the answer; no masks needed. Deletion AUC: the word's probability as "
+            "the image cells are blanked in the map's order, most attributed first (lower = the map found what the "
+            "word depends on). Insertion AUC: the same, revealing cells into a blank image (higher = better). A high "
+            "deletion AUC has two causes this section cannot tell apart: the map missed the evidence, or the word "
+            "does not depend on the image at all. The second is measured directly, per answer, in \u201cGiven "
+            "without looking\u201d (image reliance is shown under each card here). Map concentration: share of "
+            "attribution mass in the top 10% of cells (higher = more focused) and normalised entropy (1 = uniform).")
+    return section("label-free", "Map faithfulness (label-free)", Safe(body), note)
+
+
+def reliance_line(ctx, ref: dict) -> str:
+    """'image reliance 0.012 (given without looking)' for a gallery card, '' when not measured."""
+    r = ctx.row(ref) or {}
+    v = r.get("image_reliance")
+    if v is None:
+        return ""
+    blind = (r.get("word_type") != "function") and v < ctx.summary["grounding"]["threshold"]
+    return f"image reliance {fmt(v)}" + (" (given without looking)" if blind else "")
+
+
+def highlighted_response(ctx, ref: dict, r: dict) -> Safe:
+    """The response with the explained occurrence of the word marked (escaped)."""
+    text = r.get("response") or ""
+    rows = ctx.fetched.get((ref["shard"], ref["row_index"]), [])
+    span = highlight_spans(text, ref.get("token"), occurrence_of(rows, ref.get("token"), ref.get("token_index")))
+    text = clip_text(text, 400) if span is None or span[1] > 400 else text
+    if span is None:
+        return Safe(f'<div class="txt">{esc(text)}</div>')
+    a, b = span
+    return Safe(f'<div class="txt">{esc(text[:a])}<mark>{esc(text[a:b])}</mark>{esc(text[b:])}</div>')
+
+
+def blind_card(ctx, ref: dict) -> Safe:
+    """Card of a least image-reliant answer: the image, the response with the word marked, both probabilities."""
+    r = ctx.row(ref) or {}
+    thumb, mask = ctx.images(ref["shard"], ref["row_index"])
+    kind = " \u00b7 ".join(str(x) for x in (r.get("word_type"), r.get("category")) if x)
+    lines = [f"p(word | image) {fmt(r.get('target_prob'))}", f"p(word | image blanked) {fmt(r.get('blind_prob'))}",
+             f"image reliance {fmt(r.get('image_reliance'))}", kind, f"{ref.get('id')} (row {ref['row_index']})"]
+    small = "".join(f"<small>{esc(x)}</small>" for x in lines if x)
+    img = img_tag(plain_image(thumb, None, None), str(ref.get("token")))
+    return Safe(f'<div class="card">{img}<div class="tok">{esc(ref.get("token"))}</div>{small}'
+                f'{highlighted_response(ctx, ref, r)}</div>')
+
+
+def grounding_table(rows: list[dict], dim: str, limit: int) -> Safe:
+    """Blind share with its Wilson interval and mean image reliance per value of `dim`."""
+    shown = sorted(rows, key=lambda r: -r["words"])[:limit]
+    body = [[r["method"], r["refine"], r["key"], r["words"], r["blind"],
+             interval_cell(dict(mean=r["blind_rate"], lo=r["lo"], hi=r["hi"], n=r["words"])), fmt(r["image_reliance"])]
+            for r in shown]
+    more = f" (top {limit} of {len(rows)} by words; all in summary.parquet)" if len(rows) > limit else ""
+    head = ["method", "refine", dim, "content words", "given without looking", "share (95% CI)", "mean reliance"]
+    return Safe(f"<h3>per {esc(dim)}{esc(more)}</h3>" + _wrap(table(head, body)))
+
+
+def render_grounding(ctx, limit: int = 25) -> Safe:
+    """Which answers were given without looking: headline share, breakdowns, least image-reliant answers."""
+    g = ctx.summary["grounding"]
+    thr = g["threshold"]
+    heads = [(r, r["metrics"].get("grounded_rate") or {}) for r in ctx.summary["headline"]]
+    if not any(m.get("n") for _, m in heads):
+        return section("grounding", "Given without looking", Safe(
+            '<p class="note">No content word with an image_reliance in this run (written by a dcam without the '
+            'blind forward, or no explained content words).</p>'))
+    body = [[r["method"], r["refine"], m["n"], interval_cell(_blind_share(m)),
+             interval_cell(r["metrics"].get("image_reliance"))] for r, m in heads]
+    parts = [_wrap(table(["method", "refine", "content words", "given without looking (95% CI)",
+                          "mean image reliance (95% CI)"], body))]
+    parts += [grounding_table(g["breakdowns"].get(dim, []), dim, limit) for dim in ("word_type", "category", "token")]
+    items = ctx.scan.tops["blind"].items
+    cards = "".join(blind_card(ctx, it) for it in items) or '<p class="note">No rows.</p>'
+    parts.append(f"<h3>Least image-reliant answers ({len(items)})</h3><div class=\"grid\">{cards}</div>")
+    note = (f"Per explained content word (word type other than \u201cfunction\u201d): image reliance = p(word | image) "
+            "\u2212 p(word | every image token blanked), both at the word's own denoising state. A word is given "
+            f"without looking when its image reliance is below {thr:g} (report.grounding_threshold). This judges "
+            "the ANSWER, not the map: such a word would have been said with no image at all. Headline intervals: "
+            "row bootstrap; per-value intervals: Wilson, treating words as independent (words of one image are "
+            "not, so they understate the uncertainty). Gate on it with --fail-under grounded_rate=0.9.")
+    return section("grounding", "Given without looking", Safe("".join(parts)), note)
+
+
+def _blind_share(m: dict) -> dict:
+    """The blind share (1 - grounded_rate) with its interval."""
+    flip = lambda v: None if v is None else 1.0 - v  # noqa: E731
+    return dict(mean=flip(m.get("mean")), lo=flip(m.get("hi")), hi=flip(m.get("lo")), n=m.get("n"))
 
 
 def render_breakdowns(ctx, limit: int = 25) -> Safe:

@@ -21,6 +21,7 @@ from dcam.pipeline.console import format_table
 from dcam.pipeline.layout import RunDir
 from dcam.pipeline.report.build import generate_report
 from dcam.pipeline.report.gate import run_verdict
+from dcam.pipeline.report.grounding import DEFAULT_GROUNDING_THRESHOLD, GROUNDING_METRICS, grounding_columns
 from dcam.pipeline.storage import describe_error, secrets_of
 
 EXIT_GATE_FAILED = 2
@@ -37,8 +38,9 @@ def read_results(run: RunDir, columns: list[str]):
     return ds.to_table(columns=columns)
 
 
-def localisation_table(t) -> list[dict]:
-    """Mean of each score per (method, refine) over ok rows that have the score."""
+def localisation_table(t, grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD) -> list[dict]:
+    """Mean of each score per (method, refine) over ok rows that have the score, plus the grounding
+    metrics of content words (pipeline/report/grounding.py) at `grounding_threshold`."""
     import pyarrow.compute as pc
 
     ok = t.filter(pc.equal(t["status"], "ok"))
@@ -47,8 +49,10 @@ def localisation_table(t) -> list[dict]:
     for method, refine in keys:
         sel = ok.filter(pc.and_(pc.equal(ok["method"], method), pc.equal(ok["refine"], refine)))
         row = dict(method=method, refine=refine, rows=sel.num_rows)
-        for k in TABLE_SCORES:
-            v = sel[k].to_numpy(zero_copy_only=False).astype(float)
+        rel = sel["image_reliance"].to_numpy(zero_copy_only=False).astype(float)
+        values = {k: sel[k].to_numpy(zero_copy_only=False).astype(float) for k in TABLE_SCORES}
+        values.update(zip(GROUNDING_METRICS, grounding_columns(rel, sel["word_type"], grounding_threshold).T))
+        for k, v in values.items():
             row[k] = finite_or_none(nanmean(v))
             row[f"{k}_n"] = int((~np.isnan(v)).sum())
         out.append(row)
@@ -80,19 +84,22 @@ def format_summary(s: dict) -> str:
         when = f"of {s['throughput_from']}" if s.get("throughput_from") else "this execution"
         lines.append(f"  throughput {when}: {s['rows_per_s']:.2f} input rows/s over {s['seconds']:.1f}s")
     if s["table"]:
-        cols = ["rows", "obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc"]
+        cols = ["rows", "obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc", "grounded_rate"]
         lines.append(format_table([("method", 18), ("refine", 20)], cols, s["table"], width=11, indent="  "))
     return "\n".join(lines)
 
 
-def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting) -> dict:
+def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting,
+                    grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD) -> dict:
     """The results part of summary.json, cross-checked: every input row the manifest lists is
     in the final files exactly once (ok or error), else AccountingError."""
-    cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
+    cols = ["shard", "row_index", "status", "error_kind", "method", "refine", "word_type", *TABLE_SCORES,
+            "image_reliance"]
     t = read_results(run, cols)
     acct = accounting.to_dict()
     s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, **status_counts(t), accounting=acct,
-             table=localisation_table(t), **throughput(run, counts))
+             table=localisation_table(t, grounding_threshold), grounding_threshold=grounding_threshold,
+             **throughput(run, counts))
     if not acct["exact"] or s["inputs"] != acct["expected_inputs"]:
         raise AccountingError(f"ACCOUNTING MISMATCH in {run.url}: the manifest lists {acct['expected_inputs']} input "
                               f"rows, the final files hold {s['inputs']} ({acct['present_inputs']} verified per shard); "

@@ -46,6 +46,7 @@ td.err, .err { color:var(--bad); font-family:ui-monospace,Menlo,Consolas,monospa
 .card .pair img { width:50%; }
 .card .tok { font-weight:650; font-size:13px; word-break:break-word; }
 .card .txt { color:#475467; word-break:break-word; margin-top:2px; }
+.card mark { background:#fde68a; color:#111; padding:0 2px; border-radius:2px; }
 .strip { display:flex; gap:6px; overflow-x:auto; padding-bottom:4px; margin-bottom:10px; }
 .strip figure { margin:0; text-align:center; font-size:11px; color:var(--muted); }
 .strip img { width:96px; height:auto; display:block; border-radius:3px; }
@@ -61,7 +62,8 @@ footer { color:var(--muted); font-size:12px; text-align:center; padding:16px; }
 @media print { nav { position:static; } section { break-inside:avoid; } }
 """
 
-SECTIONS = (("headline", "Headline"), ("audit", "Audit trail"), ("label-free", "Label-free audit"),
+SECTIONS = (("headline", "Headline"), ("audit", "Audit trail"), ("grounding", "Given without looking"),
+            ("label-free", "Map faithfulness"),
             ("breakdowns", "Breakdowns"), ("histograms", "Histograms"), ("galleries", "Galleries"), ("steps", "Steps"),
             ("failures", "Failures"), ("drift", "Drift"))
 

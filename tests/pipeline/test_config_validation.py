@@ -47,6 +47,7 @@ MALFORMED = [
     (["decode_num_cpus=0"], "decode_num_cpus = 0.0: must be > 0"),
     (["report.max_error_rate=1.5"], "report.max_error_rate = 1.5: must be <= 1 (a fraction in [0, 1])"),
     (["report.max_error_rate=-0.1"], "report.max_error_rate = -0.1: must be >= 0 (a fraction in [0, 1])"),
+    (["report.grounding_threshold=2"], "report.grounding_threshold = 2.0: must be <= 1"),
     (["model.temperature=-1"], "model.temperature = -1.0: must be >= 0"),
     (["storage.retry_attempts=0"], "storage.retry_attempts = 0: must be >= 1"),
     (["probe.targets=nouns"], "probe.targets = 'nouns': allowed: content | all | index:<k>"),
@@ -76,6 +77,8 @@ def test_malformed_config_is_one_line_naming_the_key(overrides, message):
                                        ["probe.threads=2"], ["probe.threads=null"], ["methods.m=grad_cam"],
                                        ["methods.m.probe.state=remask_target", "methods.m.refine.akd=true"],
                                        ["report.fail_under=obj_iou=0.3,error_rate=0.1"], ["storage.client_kwargs={}"],
+                                       ["report.fail_under=grounded_rate=0.9", "report.enabled=false"],
+                                       ["report.grounding_threshold=0.05"],
                                        ["model=diffusion_gemma", "model.max_soft_tokens=280"]])
 def test_valid_configs_pass(overrides):
     load_config("run", overrides)

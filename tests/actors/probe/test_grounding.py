@@ -10,6 +10,7 @@ from tiny_reference import loop_probability
 from dcam.actors import scenes
 from dcam.actors.models.tiny_backend import TinyBackend
 from dcam.actors.probe.contrast import target_probs
+from dcam.actors.probe.explain import explain_batch
 from dcam.actors.probe.grounding import blank_image_keep, blind_probs, image_reliance
 from dcam.actors.probe.targets import ProbeConfig, build_targets, obtain_response, select_positions
 
@@ -77,3 +78,28 @@ def test_function_words_are_blind_predictable_and_content_words_image_reliant(an
     assert set(types) >= {"function", "colour", "shape"}
     assert rel[types == "function"].max() < 0.05
     assert rel[np.isin(types, ["colour", "shape"])].mean() > 0.5
+
+
+def test_explain_batch_writes_blind_prob_and_image_reliance_on_every_row(answered):
+    """Every explained row of every method (not only rows sampled for curves) carries the pair, equal
+    to a direct recomputation with blind_probs in that row's state; faithfulness off or on."""
+    backend, batch, _ = answered
+    items = scenes.make_scenes(7300, 0, 6, scenes.SceneConfig(size=backend.model.config.image_size))
+    methods = {"traj": ProbeConfig(hook="blocks.0.out", faithfulness_steps=0),
+               "remask": ProbeConfig(hook="blocks.0.out", state="remask_target", faithfulness_steps=2, rows_per_pass=3)}
+    timings = {}
+    res = explain_batch(backend, [s.image for s in items], [s.prompt for s in items], methods, timings=timings)
+    assert timings["grounding"] > 0
+    gen = obtain_response(backend, batch, seed=0)
+    positions = {i: select_positions(backend, gen.ids[i], "content") for i in range(batch.size)}
+    for name, cfg in methods.items():
+        targets = build_targets(backend, gen, cfg, positions)
+        want = blind_probs(backend, batch, targets)
+        maps = [m for r in res for m in r.maps[name]]
+        assert len(maps) == len(targets) > 0
+        got = np.array([m.blind_prob for m in maps])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_allclose([m.image_reliance for m in maps], [m.target_prob - m.blind_prob for m in maps],
+                                   atol=1e-12)
+    assert {backend.word_type(m.token_id) for r in res for m in r.maps["traj"]} >= {"colour", "shape"}
+    assert np.mean([m.image_reliance for r in res for m in r.maps["traj"]]) > 0.5  # content words need the image
