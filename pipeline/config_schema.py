@@ -266,12 +266,25 @@ class LladaVModelSchema(ModelSchema):
     temperature: float = key(ge=0)
 
 
+@dataclass
+class MmadaModelSchema(ModelSchema):
+    """MMaDA (conf/model/mmada.yaml): MAGVIT-v2 codes + LLaDA-8B, mmu_generate's defaults."""
+    vq_source: Optional[str] = key(None, doc="MAGVIT-v2 tokenizer checkpoint (showlab/magvitv2): dir, s3://, hub id")
+    hf_cache_dir: Optional[str] = key(None, hashed=False)
+    resolution: int = key(ge=16, doc="image side in pixels before MAGVIT-v2 (512 -> 32x32 codes)")
+    response_len: int = key(ge=1, doc="canvas length (max_new_tokens)")
+    gen_steps: int = key(ge=1)
+    block_length: Optional[int] = key(ge=1)
+    temperature: float = key(ge=0)
+
+
 # model.backend -> its schema. A new backend: one dataclass above and one line here.
 MODEL_SCHEMAS: dict[str, type] = {
     "tiny": TinyModelSchema,
     "diffusion_gemma": DiffusionGemmaModelSchema,
     "lavida": LavidaModelSchema,
     "llada_v": LladaVModelSchema,
+    "mmada": MmadaModelSchema,
 }
 
 EXTRA_DOCS = {  # keys inside free-form sections
