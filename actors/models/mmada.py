@@ -85,7 +85,7 @@ class MmadaBackend(LladaFamilyBackend):
     """dcam backend for MMaDA; hooks and the attribution forward: see llada_backend."""
 
     def __init__(self, model: MmadaModel, tokenizer, model_id: str = "mmada", device: str = "cpu",
-                 response_len: int = 512, gen_steps: int | None = 256, block_length: int | None = 128,
+                 response_len: int = 512, gen_steps: int | None = 256, block_length: int | None = 128,  # None: one block
                  temperature: float = 0.0, resolution: int = 512, task_ids: dict | None = None):
         super().__init__(model, tokenizer, model_id, device, response_len)
         self.block_length = int(block_length or response_len)
@@ -245,6 +245,8 @@ class MmadaBackend(LladaFamilyBackend):
         model, tok, source = load_mmada(model_cfg, device, dtype)
         opts = {k: model_cfg[k] for k in ("response_len", "gen_steps", "block_length", "temperature", "resolution")
                 if model_cfg.get(k) is not None}
+        if "block_length" in model_cfg:  # null = one block of response_len
+            opts["block_length"] = model_cfg["block_length"]
         return cls(model, tok, model_id=model_cfg.get("model_id") or str(source).rstrip("/").split("://", 1)[-1],
                    device=device, **opts)
 
