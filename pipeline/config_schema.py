@@ -248,7 +248,7 @@ class DiffusionGemmaModelSchema(ModelSchema):
 
 @dataclass
 class LavidaModelSchema(ModelSchema):
-    """LaViDa-LLaDA (conf/model/lavida.yaml; backend in progress on its own branch)."""
+    """LaViDa-LLaDA (conf/model/lavida.yaml, actors/models/lavida.py)."""
     hf_cache_dir: Optional[str] = key(None, hashed=False)
     image_view: str = key(choices=("grid", "base"), doc="grid = the anyres grid; base = the squashed base view")
     response_len: int = key(ge=1, doc="canvas length")
@@ -261,10 +261,22 @@ class LavidaModelSchema(ModelSchema):
 
 @dataclass
 class LladaVModelSchema(ModelSchema):
-    """LLaDA-V (conf/model/llada_v.yaml; backend in progress on its own branch)."""
+    """LLaDA-V (conf/model/llada_v.yaml, actors/models/llada_v.py)."""
     hf_cache_dir: Optional[str] = key(None, hashed=False)
     image_view: str = key(choices=("grid", "base"), doc="grid = the anyres grid; base = the base view")
     response_len: int = key(ge=1, doc="canvas length")
+    gen_steps: int = key(ge=1)
+    block_length: Optional[int] = key(ge=1)
+    temperature: float = key(ge=0)
+
+
+@dataclass
+class MmadaModelSchema(ModelSchema):
+    """MMaDA (conf/model/mmada.yaml): MAGVIT-v2 codes + LLaDA-8B, mmu_generate's defaults."""
+    vq_source: Optional[str] = key(None, doc="MAGVIT-v2 tokenizer checkpoint (showlab/magvitv2): dir, s3://, hub id")
+    hf_cache_dir: Optional[str] = key(None, hashed=False)
+    resolution: int = key(ge=16, doc="image side in pixels before MAGVIT-v2 (512 -> 32x32 codes)")
+    response_len: int = key(ge=1, doc="canvas length (max_new_tokens)")
     gen_steps: int = key(ge=1)
     block_length: Optional[int] = key(ge=1)
     temperature: float = key(ge=0)
@@ -276,6 +288,7 @@ MODEL_SCHEMAS: dict[str, type] = {
     "diffusion_gemma": DiffusionGemmaModelSchema,
     "lavida": LavidaModelSchema,
     "llada_v": LladaVModelSchema,
+    "mmada": MmadaModelSchema,
 }
 
 EXTRA_DOCS = {  # keys inside free-form sections

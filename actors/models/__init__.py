@@ -19,8 +19,8 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 # model_types each native backend implements: their checkpoints' config.json may carry an auto_map
 # (pointing at the authors' modeling code), which dcam never imports (see loading.check_remote_code)
-NATIVE_MODEL_TYPES = {"lavida": ("llava_llada",), "llada_v": ("llava_llada",)}
-BACKENDS = ("tiny", "diffusion_gemma", "lavida", "llada_v")
+NATIVE_MODEL_TYPES = {"lavida": ("llava_llada",), "llada_v": ("llava_llada",), "mmada": ("mmada",)}
+BACKENDS = ("tiny", "diffusion_gemma", "lavida", "llada_v", "mmada")
 
 
 def native_model_types(backend: str | None) -> tuple[str, ...]:
@@ -56,4 +56,8 @@ def load_backend(model_cfg: dict):
         from dcam.actors.models.llada_v import LladaVBackend
 
         return LladaVBackend.load(model_cfg, device=device, dtype=resolve_dtype(model_cfg.get("dtype"), device))
+    if kind == "mmada":
+        from dcam.actors.models.mmada import MmadaBackend
+
+        return MmadaBackend.load(model_cfg, device=device, dtype=resolve_dtype(model_cfg.get("dtype"), device))
     raise ValueError(f"unknown model backend {kind!r} (known: {', '.join(BACKENDS)})")
