@@ -22,6 +22,7 @@ class TokenMap:
     target_prob: float
     deletion_auc: float = float("nan")
     insertion_auc: float = float("nan")
+    faithfulness_sampled: bool | None = None  # None: faithfulness off; False: not in probe.faithfulness_sample
 
 
 def slice_grid(act: torch.Tensor, batch: PreparedBatch, rows: torch.Tensor, hook: str, stream: str,
