@@ -61,6 +61,8 @@ def render_headline(ctx) -> Safe:
     note = (f"Means over explained rows per (method, refine) with {s['bootstrap']['resamples']} bootstrap resamples "
             "(95% percentile intervals, seeded). F3 (paper) = harmonic mean of the dataset means of Obj-IoU, "
             "min(mean contrast/20, 1) and concentration; F3 per-image mean = mean of the per-row F3. "
+            "Deletion/insertion AUCs are measured on the row's (refined) map; with probe.faithfulness_sample < 1 "
+            "only the sampled words have them, the others are left out: n is the sample size. "
             "\u2193 = lower is better.")
     return section("headline", "Headline", Safe(body), note)
 
