@@ -18,14 +18,15 @@ from dcam.pipeline.synth import write_corpus
 
 pytestmark = pytest.mark.slow
 
-SEED, N, K = 1107, 12, 2  # corpus seed, scenes, faithfulness_steps (FAST)
+SEED, N, K = 1107, 12, 8  # corpus seed, scenes, faithfulness_steps (the default: with 2 steps only the top
+# half of the cells matters, which refinement rarely changes)
 
 
-def _recomputed_aucs(ckpt: str, rows: list[dict]) -> dict[tuple, tuple[float, float]]:
+def _recomputed_aucs(rows: list[dict]) -> dict[tuple, tuple[float, float]]:
     """(id, token_index) -> (deletion, insertion) AUC recomputed here from each row's written `map`,
     with the probe's own target canvases (the corpus's given responses replayed) and nothing else
     from the run."""
-    backend = load_backend({"backend": "tiny", "source": ckpt})
+    backend = load_backend({"backend": "tiny"})  # the shipped weights, as the run
     pc = probe_config("diffusion_cam", backend, {"faithfulness_steps": K})
     by_id: dict[str, list[dict]] = {}
     for r in rows:
@@ -48,10 +49,11 @@ def _recomputed_aucs(ckpt: str, rows: list[dict]) -> dict[tuple, tuple[float, fl
     return out
 
 
-def test_written_aucs_are_the_curves_of_the_written_map_and_the_sample_survives_resume(ray_local, tmp_path, random_ckpt):
+def test_written_aucs_are_the_curves_of_the_written_map_and_the_sample_survives_resume(ray_local, tmp_path):
     write_corpus(str(tmp_path / "in"), N, SEED, 3, scenes.SceneConfig())
-    base = [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", f"model.source={random_ckpt}", *FAST,
-            "probe.faithfulness_sample=0.5", "probe.seed=3"]
+    # shipped weights: a random model's word probabilities barely depend on the image (flat curves)
+    base = [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", *FAST,
+            f"probe.faithfulness_steps={K}", "probe.faithfulness_sample=0.5", "probe.seed=3"]
     with pytest.raises(DriverInterrupted):
         _run([*base, "testing.stop_after_rows=5"])
     s = _run(base)
@@ -67,7 +69,7 @@ def test_written_aucs_are_the_curves_of_the_written_map_and_the_sample_survives_
     assert all(r["deletion_auc"] is None and r["insertion_auc"] is None for r in unsampled)
     # the refined map is not the raw map (else this test could not tell the two apart)
     assert any(not np.allclose(r["map"], r["raw_map"]) for r in sampled)
-    again = _recomputed_aucs(random_ckpt, sampled)
+    again = _recomputed_aucs(sampled)
     for r in sampled:
         d, i = again[(r["id"], r["token_index"])]
         assert r["deletion_auc"] == pytest.approx(d, abs=1e-4) and r["insertion_auc"] == pytest.approx(i, abs=1e-4)
