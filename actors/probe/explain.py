@@ -54,7 +54,8 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
                   refines: dict[str, RefineConfig] | None = None, ids: list[str] | None = None) -> list[SampleExplanation]:
     """Explain a batch with every method in `methods` (shared generation). One result per input,
     in input order; samples that cannot be prepared or targeted carry `error`.
-    timings: if given, seconds spent per phase (response, attribution, faithfulness) are added.
+    timings: if given, seconds spent per phase (response, attribution, faithfulness) are added, and
+    `faithfulness_refine`, the part of `faithfulness` spent refining the maps before their curves.
     refines: method -> its RefineConfig; the faithfulness curves are measured on the refined maps
     (a method missing here: on the raw map, i.e. refinement `none`). ids: the input samples' ids,
     which choose the words of a faithfulness sample (needed when probe.faithfulness_sample < 1)."""
@@ -74,7 +75,7 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
         if cfg.faithfulness_steps:
             with _phase(timings, "faithfulness"):
                 refine = (refines or {}).get(name, RefineConfig(**NO_REFINEMENT))
-                _add_faithfulness(backend, batch, gen, targets, maps, cfg, refine, _sample_ids(batch, ids))
+                _add_faithfulness(backend, batch, gen, targets, maps, cfg, refine, _sample_ids(batch, ids), timings)
         for t, m in zip(targets, maps):
             results[batch.source_index[t.sample]].maps.setdefault(name, []).append(m)
     for j, i in enumerate(batch.source_index):
@@ -122,7 +123,7 @@ def _sample_ids(batch, ids: list[str] | None) -> list[str] | None:
 
 
 def _add_faithfulness(backend, batch, gen, targets: list[Target], maps: list[TokenMap], cfg: ProbeConfig,
-                      refine: RefineConfig, sample_ids: list[str] | None) -> None:
+                      refine: RefineConfig, sample_ids: list[str] | None, timings: dict | None = None) -> None:
     """Deletion/insertion AUCs of the sampled targets' refined maps (grouped by grid shape, as
     the CPU stage groups its refinement; refinement is per map, so grouping changes nothing).
     Targets outside the sample keep NaN AUCs and faithfulness_sampled=False."""
@@ -139,7 +140,10 @@ def _add_faithfulness(backend, batch, gen, targets: list[Target], maps: list[Tok
         sel = [targets[k] for k in idx]
         canvases = [gen.ids[t.sample].tolist() for t in sel]
         lengths = [answer_length(gen.ids[t.sample], ends) for t in sel]
+        t0 = time.perf_counter()
         fine = refine_explained(np.stack([maps[k].raw_map for k in idx]), refine, canvases, lengths)
+        if timings is not None:
+            timings["faithfulness_refine"] = timings.get("faithfulness_refine", 0.0) + time.perf_counter() - t0
         dele, ins = faithfulness(
             backend, batch, torch.tensor([t.sample for t in sel], device=backend.device),
             torch.stack([t.canvas for t in sel]).to(backend.device),
