@@ -91,8 +91,13 @@ class ProbeActor:
         responses = [_opt_str(batch["response"][i]) for i in idx] if "response" in batch else None
         words = [_words(batch["explain"][i]) for i in idx] if "explain" in batch else None
         probe_cfgs = {name: pc for name, (pc, _) in self.methods.items()}
+        # the CPU stage's refinement configs (same presets, same eos id), so the faithfulness curves are
+        # measured on the maps that are written (actors/probe/explain.py)
+        refines = {name: rc for name, (_, rc) in self.methods.items()}
+        ids = [str(batch["id"][i]) for i in idx]
         with torch.inference_mode(False):
-            results = explain_batch(self.backend, images, prompts, probe_cfgs, responses, words, seed=self.seed)
+            results = explain_batch(self.backend, images, prompts, probe_cfgs, responses, words, seed=self.seed,
+                                    refines=refines, ids=ids)
         return [r.error if r.error is not None else self._payload(r) for r in results]
 
     def _payload(self, r) -> dict:
@@ -102,8 +107,8 @@ class ProbeActor:
                        for m in ms] for name, ms in r.maps.items()}
         meta = {name: dict(hook=pc.hook, state=pc.state, variant=pc.variant, contrast=pc.contrast)
                 for name, (pc, _) in self.methods.items()}
-        return dict(prompt=r.prompt, response=r.response, response_ids=r.response_ids, eos_id=b.eos_id,
-                    response_tokens=[b.token_str(t) for t in r.response_ids],  # word -> object alignment
+        return dict(prompt=r.prompt, response=r.response, response_ids=r.response_ids, canvas_ids=r.canvas_ids,
+                    eos_id=b.eos_id, response_tokens=[b.token_str(t) for t in r.response_ids],  # word -> object alignment
                     response_source=r.response_source, maps=maps, methods=meta)
 
     def _maybe_die_for_tests(self):
@@ -118,7 +123,7 @@ class ProbeActor:
 
 
 def _probe_overrides(probe_cfg: dict) -> dict:
-    keys = ("targets", "per_step", "rows_per_pass", "faithfulness_steps", "seed")
+    keys = ("targets", "per_step", "rows_per_pass", "faithfulness_steps", "faithfulness_sample", "seed")
     return {k: probe_cfg[k] for k in keys if k in probe_cfg and probe_cfg[k] is not None}
 
 

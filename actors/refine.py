@@ -596,6 +596,35 @@ def sicd_from_tokens(maps, token_ids, cfg: RefineConfig = RefineConfig()) -> np.
     return sicd(maps, rho, cfg)
 
 
+def sicd_token_ids(canvas_ids: Sequence[int], response_length: int, mode: str) -> list[int]:
+    """The ids SICD's repeat ratio is taken over, for a map explained in a sample whose final
+    answer canvas is `canvas_ids` and whose response is its first `response_length` ids
+    (METHOD.md §3.6). 'parity': the raw canvas exactly as the reference passes it (end token and
+    padding included); 'clean': the response (the ids before the first end token).
+
+    The one definition of the token set: the pipeline's probe (for the faithfulness curves) and
+    CPU stage (for the written map) and `dcam eval-cam` all go through `refine_explained`."""
+    if mode not in SICD_TOKEN_MODES:
+        raise ValueError(f"SICD token mode must be one of {SICD_TOKEN_MODES}, got {mode!r}")
+    ids = [int(i) for i in canvas_ids]
+    if not 0 <= response_length <= len(ids):
+        raise ValueError(f"response length {response_length} outside the canvas (length {len(ids)})")
+    return ids if mode == "parity" else ids[:response_length]
+
+
+def refine_explained(raw_maps, cfg: RefineConfig, canvases: Sequence[Sequence[int]],
+                     response_lengths: Sequence[int]) -> np.ndarray:
+    """`refine_batch` of explained-token maps, each with its sample's final answer canvas and
+    response length (SICD's token set: `sicd_token_ids`). Every map of dcam that is refined is
+    refined here, so a row's map and the map its faithfulness curves were measured on are the
+    same function of the same inputs."""
+    if len(canvases) != len(raw_maps) or len(response_lengths) != len(raw_maps):
+        raise ValueError(f"one canvas and response length per map: {len(canvases)}, {len(response_lengths)} "
+                         f"for {len(raw_maps)} maps")
+    ids = [sicd_token_ids(c, n, cfg.sicd_tokens) for c, n in zip(canvases, response_lengths)] if cfg.sicd else None
+    return refine_batch(raw_maps, cfg, token_ids=ids)
+
+
 # ----------------------------------------------------------------------------- wrapper (METHOD.md §3.1)
 
 def refine_batch(maps, cfg: RefineConfig = RefineConfig(), token_ids=None) -> np.ndarray:

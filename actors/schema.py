@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 class Column(NamedTuple):
     name: str
-    type: str  # string | int32 | int64 | float64 | binary | list<float32>
+    type: str  # string | bool | int32 | int64 | float64 | binary | list<float32>
     meaning: str
 
 
@@ -68,6 +68,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("map_w", "int32", "grid columns"),
     Column("raw_map", "list<float32>", "the map before refinement"),
     *(Column(k, "float64", _SCORE_MEANINGS.get(k, "score (METHOD.md §5)")) for k in FLOAT_SCORES),
+    Column("faithfulness_sampled", "bool", "curves measured for this word (probe.faithfulness_sample); "
+                                           "false: not in the sample, AUCs null; null: faithfulness off"),
     Column("status", "string", "`ok` or `error`"),
     Column("error", "string", "reason (credential-free)"),
     Column("error_kind", "string", "reason class"),

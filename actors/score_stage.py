@@ -18,7 +18,7 @@ from PIL import Image
 
 from dcam.actors.methods import refine_config
 from dcam.actors.numeric import finite_or_none
-from dcam.actors.refine import RefineConfig, refine_batch
+from dcam.actors.refine import RefineConfig, refine_explained
 from dcam.actors.schema import LOCALISATION_SCORES
 from dcam.actors.scores import score_map
 
@@ -61,8 +61,9 @@ class RefineScoreStage:
         out: dict[int, dict[str, dict]] = {}
         for (name, eos, _), where in groups.items():
             raw = np.stack([payloads[i]["maps"][name][k]["raw_map"] for i, k in where])
-            ids = [payloads[i]["response_ids"] + [eos] for i, _ in where]
-            for (i, k), m in zip(where, refine_batch(raw, self.refine_for(name, eos), token_ids=ids)):
+            canvases = [payloads[i]["canvas_ids"] for i, _ in where]
+            lengths = [len(payloads[i]["response_ids"]) for i, _ in where]
+            for (i, k), m in zip(where, refine_explained(raw, self.refine_for(name, eos), canvases, lengths)):
                 out.setdefault(i, {}).setdefault(name, {})[k] = m
         return {i: {name: [d[k] for k in sorted(d)] for name, d in per.items()} for i, per in out.items()}
 
@@ -102,7 +103,8 @@ class RefineScoreStage:
                    map=fine.astype(np.float32).ravel(), map_h=int(fine.shape[0]), map_w=int(fine.shape[1]),
                    raw_map=m["raw_map"].astype(np.float32).ravel(), target_prob=m["target_prob"],
                    deletion_auc=finite_or_none(m["deletion_auc"]), insertion_auc=finite_or_none(m["insertion_auc"]),
-                   blind_prob=finite_or_none(m.get("blind_prob")), image_reliance=finite_or_none(m.get("image_reliance")))
+                   blind_prob=finite_or_none(m.get("blind_prob")), image_reliance=finite_or_none(m.get("image_reliance")),
+                   faithfulness_sampled=m.get("faithfulness_sampled"))
         scores = dict.fromkeys(LOCALISATION_SCORES)
         if mask is not None and obj is not None:  # tolerant pointing radius: scores.token_cell_px / 2
             scores.update({k: finite_or_none(v) for k, v in score_map(fine, mask, int(obj["id"])).items() if k in LOCALISATION_SCORES})

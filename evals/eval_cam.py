@@ -21,9 +21,9 @@ from dcam.actors import scenes
 from dcam.actors.methods import NO_REFINEMENT, resolve_method
 from dcam.actors.numeric import nanmean
 from dcam.actors.probe.faithfulness import faithfulness
-from dcam.actors.probe.targets import build_targets, obtain_response
+from dcam.actors.probe.targets import answer_length, build_targets, end_ids, obtain_response
 from dcam.actors.probe.variants import get_variant
-from dcam.actors.refine import RefineConfig, refine_batch
+from dcam.actors.refine import RefineConfig, refine_explained
 from dcam.actors.schema import TABLE_SCORES
 from dcam.actors.scores import f3_table, score_map
 from dcam.evals import reference_maps
@@ -135,9 +135,12 @@ def _eval_chunk(backend, untrained, methods, ref_rows, items, cfg, table: _Table
         table.add(name, _score_rows(raw, masks, objs, cell), _faith(backend, batch, targets, raw, k) if pc.faithfulness_steps else None)
         if name == "diffusion_cam_raw":
             default_targets, default_raw, default_cfg = targets, raw, pc
-    ids = [gen.ids[t.sample].tolist() for t in default_targets]
+    # the pipeline's refinement call (same SICD token set: actors.refine.sicd_token_ids); each row's
+    # deletion AUC is measured on that row's maps (raw rows above on raw maps, these on refined ones)
+    canvases = [gen.ids[t.sample].tolist() for t in default_targets]
+    lengths = [answer_length(gen.ids[t.sample], end_ids(backend)) for t in default_targets]
     for rname, rc in ref_rows.items():
-        refined = refine_batch(default_raw, rc, token_ids=ids)
+        refined = refine_explained(default_raw, rc, canvases, lengths)
         want = rname in cfg["faithfulness_rows"] and k
         table.add(rname, _score_rows(refined, masks, objs, cell), _faith(backend, batch, default_targets, refined, k) if want else None)
     _reference_rows(backend, batch, default_targets, default_raw.shape[1:], masks, objs, cell, cfg, table, chunk_seed)

@@ -17,6 +17,8 @@ COMMANDS = {
     "eval-tiny": ("caption quality of the tiny model on fresh held-out scenes", "dcam.evals.eval_tiny:command"),
     "eval-cam": ("localisation and faithfulness table of every map method on held-out scenes",
                  "dcam.evals.eval_cam:command"),
+    "eval-faithfulness-sample": ("sampled vs full corpus-level faithfulness (probe.faithfulness_sample) on held-out scenes",
+                                 "dcam.evals.eval_faithfulness_sample:command"),
     "eval-grounding": ("which answer words depend on the image (image_reliance) on held-out scenes",
                        "dcam.evals.eval_grounding:command"),
     "bench-refine": ("vectorised refinement vs a per-pixel Python loop", "dcam.benchmarks.bench_refine:command"),

@@ -99,6 +99,8 @@ class ProbeSection:
     per_step: bool = key(doc="also a map for every denoising step")
     rows_per_pass: int = key(ge=1, hashed=False, doc="attribution rows per forward/backward (GPU memory)")
     faithfulness_steps: int = key(ge=0, doc="deletion/insertion curve resolution; 0 disables (4.6x faster)")
+    faithfulness_sample: float = key(gt=0, le=1, doc="fraction of explained words with deletion/insertion curves "
+                                     "(deterministic per id, word, seed); 1 = every word")
     seed: int = key(doc="probe seed (sampling at temperature > 0)")
     threads: Any = key("auto", check=check_threads, hashed=False, doc="torch threads per actor")
 

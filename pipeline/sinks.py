@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from dcam.actors.schema import COLUMNS
 from dcam.pipeline.layout import PARTS
 
-ARROW_TYPES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
+ARROW_TYPES = {"string": pa.string(), "bool": pa.bool_(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
                "binary": pa.binary(), "list<float32>": pa.list_(pa.float32())}
 SCHEMA = pa.schema([(c.name, ARROW_TYPES[c.type]) for c in COLUMNS])
 

@@ -4,7 +4,10 @@ generation (METHOD.md §2).
 1. obtain the response (targets.obtain_response) and the explained positions;
 2. per method, build the attribution rows in the method's state (targets.build_targets);
 3. form the maps with the method's variant (variants.get_variant(...).explain);
-4. optionally, deletion/insertion faithfulness curves of those maps (faithfulness.py);
+4. optionally, deletion/insertion faithfulness curves of the maps the rows report: each map is
+   first refined with its method's refinement (actors.refine.refine_explained, the function and
+   config the CPU stage writes the `map` column with), so the curves belong to the written map;
+   `probe.faithfulness_sample` < 1 measures a deterministic sample of the words (faithfulness.py);
 5. answer grounding of every row: blind_prob, image_reliance (grounding.py, METHOD.md §5.12).
 """
 from __future__ import annotations
@@ -16,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dcam.actors.methods import NO_REFINEMENT
 from dcam.actors.models.protocol import Backend, SampleError
-from dcam.actors.probe.faithfulness import faithfulness
+from dcam.actors.probe.faithfulness import faithfulness, in_faithfulness_sample
 from dcam.actors.probe.grid import TokenMap
 from dcam.actors.probe.grounding import add_blind_probs
 from dcam.actors.probe.targets import (
@@ -30,6 +34,7 @@ from dcam.actors.probe.targets import (
     select_positions,
 )
 from dcam.actors.probe.variants import get_variant
+from dcam.actors.refine import RefineConfig, refine_explained
 
 
 @dataclass
@@ -39,6 +44,7 @@ class SampleExplanation:
     prompt: str = ""
     response: str = ""
     response_ids: list[int] = field(default_factory=list)
+    canvas_ids: list[int] = field(default_factory=list)  # the whole final answer canvas (SICD's parity token set)
     response_source: str = ""
     maps: dict[str, list[TokenMap]] = field(default_factory=dict)  # method name -> token maps
     error: SampleError | None = None
@@ -46,10 +52,15 @@ class SampleExplanation:
 
 def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str], methods: dict[str, ProbeConfig],
                   responses: list[str | None] | None = None, words: list[list[str] | None] | None = None,
-                  seed: int = 0, timings: dict[str, float] | None = None) -> list[SampleExplanation]:
+                  seed: int = 0, timings: dict[str, float] | None = None,
+                  refines: dict[str, RefineConfig] | None = None, ids: list[str] | None = None) -> list[SampleExplanation]:
     """Explain a batch with every method in `methods` (shared generation). One result per input,
     in input order; samples that cannot be prepared or targeted carry `error`.
-    timings: if given, seconds spent per phase (response, attribution, faithfulness) are added."""
+    timings: if given, seconds spent per phase (response, attribution, faithfulness) are added, and
+    `faithfulness_refine`, the part of `faithfulness` spent refining the maps before their curves.
+    refines: method -> its RefineConfig; the faithfulness curves are measured on the refined maps
+    (a method missing here: on the raw map, i.e. refinement `none`). ids: the input samples' ids,
+    which choose the words of a faithfulness sample (needed when probe.faithfulness_sample < 1)."""
     results = [SampleExplanation(index=i) for i in range(len(images))]
     batch, errors = backend.prepare(images, prompts, responses)
     for i, e in errors.items():
@@ -65,7 +76,8 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
             maps = get_variant(cfg.variant).explain(backend, batch, targets, cfg)
         if cfg.faithfulness_steps:
             with _phase(timings, "faithfulness"):
-                _add_faithfulness(backend, batch, targets, maps, cfg)
+                refine = (refines or {}).get(name, RefineConfig(**NO_REFINEMENT))
+                _add_faithfulness(backend, batch, gen, targets, maps, cfg, refine, _sample_ids(batch, ids), timings)
         with _phase(timings, "grounding"):
             add_blind_probs(backend, batch, targets, maps, cfg.rows_per_pass)
         for t, m in zip(targets, maps):
@@ -76,6 +88,7 @@ def explain_batch(backend: Backend, images: list[np.ndarray], prompts: list[str]
         r.prompt, r.response_source = batch.prompts[j], ("given" if batch.given_ids[j] is not None else "generated")
         n = answer_length(gen.ids[j], end_ids(backend))
         r.response_ids = gen.ids[j, :n].tolist()
+        r.canvas_ids = gen.ids[j].tolist()
         r.response = backend.decode(r.response_ids)
     return results
 
@@ -109,16 +122,37 @@ def _positions(backend, batch, gen, how, words, results) -> dict[int, list[int]]
     return out
 
 
-def _add_faithfulness(backend, batch, targets: list[Target], maps: list[TokenMap], cfg: ProbeConfig) -> None:
+def _sample_ids(batch, ids: list[str] | None) -> list[str] | None:
+    """Per prepared-batch sample, the id of its input (None when the caller gave no ids)."""
+    return None if ids is None else [str(ids[i]) for i in batch.source_index]
+
+
+def _add_faithfulness(backend, batch, gen, targets: list[Target], maps: list[TokenMap], cfg: ProbeConfig,
+                      refine: RefineConfig, sample_ids: list[str] | None, timings: dict | None = None) -> None:
+    """Deletion/insertion AUCs of the sampled targets' refined maps (grouped by grid shape, as
+    the CPU stage groups its refinement; refinement is per map, so grouping changes nothing).
+    Targets outside the sample keep NaN AUCs and faithfulness_sampled=False."""
+    if cfg.faithfulness_sample < 1 and sample_ids is None:
+        raise ValueError("probe.faithfulness_sample < 1 needs the samples' ids (explain_batch(ids=...))")
     by_shape: dict[tuple, list[int]] = {}
-    for k, m in enumerate(maps):
-        by_shape.setdefault(m.raw_map.shape, []).append(k)
+    for k, (t, m) in enumerate(zip(targets, maps)):
+        m.faithfulness_sampled = in_faithfulness_sample(
+            sample_ids[t.sample] if sample_ids is not None else "", t.position, cfg.seed, cfg.faithfulness_sample)
+        if m.faithfulness_sampled:
+            by_shape.setdefault(m.raw_map.shape, []).append(k)
+    ends = end_ids(backend)
     for idx in by_shape.values():
         sel = [targets[k] for k in idx]
+        canvases = [gen.ids[t.sample].tolist() for t in sel]
+        lengths = [answer_length(gen.ids[t.sample], ends) for t in sel]
+        t0 = time.perf_counter()
+        fine = refine_explained(np.stack([maps[k].raw_map for k in idx]), refine, canvases, lengths)
+        if timings is not None:
+            timings["faithfulness_refine"] = timings.get("faithfulness_refine", 0.0) + time.perf_counter() - t0
         dele, ins = faithfulness(
             backend, batch, torch.tensor([t.sample for t in sel], device=backend.device),
             torch.stack([t.canvas for t in sel]).to(backend.device),
             torch.tensor([t.position for t in sel]), torch.tensor([t.token_id for t in sel]),
-            np.stack([maps[k].raw_map for k in idx]), cfg.faithfulness_steps)
+            fine, cfg.faithfulness_steps)
         for j, k in enumerate(idx):
             maps[k].deletion_auc, maps[k].insertion_auc = float(dele[j]), float(ins[j])

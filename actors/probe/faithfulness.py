@@ -5,13 +5,33 @@ attributed first. Deletion: the explained token's probability as more and more o
 removed, from none to all; a faithful map makes it fall fast (low AUC). Insertion: start from a
 blank image and restore tokens most-attributed first; a faithful map makes it rise fast (high
 AUC). AUC is the trapezoid mean over the K+1 equally spaced fractions, in [0, 1].
+
+The curves are measured on the map the row reports (the refined map where the method refines;
+actors/probe/explain.py refines before measuring). `probe.faithfulness_sample` < 1 measures only
+a deterministic sample of the explained words (`in_faithfulness_sample`).
 """
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
 
 from dcam.actors.models.protocol import Backend, PreparedBatch
+
+
+def in_faithfulness_sample(sample_id: str, token_index: int, seed: int, fraction: float) -> bool:
+    """Whether the word at `token_index` of sample `sample_id` gets faithfulness curves when a
+    `fraction` of the explained words is measured. A pure function of (id, token_index, seed):
+    blake2b of the three (not Python's salted hash()), read as a uniform number in [0, 1), so a
+    rerun or a resumed run picks the same words on any machine; every denoising step and method
+    of a word share its choice. fraction >= 1: every word."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"faithfulness sample fraction must be in (0, 1], got {fraction}")
+    if fraction >= 1:
+        return True
+    digest = hashlib.blake2b(f"{sample_id}\x1f{int(token_index)}\x1f{int(seed)}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64 < fraction
 
 
 def keep_masks(maps: np.ndarray, k_steps: int, insertion: bool) -> np.ndarray:

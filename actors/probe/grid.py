@@ -27,6 +27,7 @@ class TokenMap:
     state: str | None = None
     blind_prob: float = float("nan")
     image_reliance: float = float("nan")
+    faithfulness_sampled: bool | None = None  # None: faithfulness off; False: not in probe.faithfulness_sample
 
 
 def slice_grid(act: torch.Tensor, batch: PreparedBatch, rows: torch.Tensor, hook: str, stream: str,

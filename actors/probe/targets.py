@@ -30,6 +30,7 @@ class ProbeConfig:
     per_step: bool = False  # also one map per denoising step (trajectory maps)
     rows_per_pass: int = 64
     faithfulness_steps: int = 8  # 0 disables deletion/insertion
+    faithfulness_sample: float = 1.0  # fraction of explained words with curves (deterministic sample)
     seed: int = 0
 
     def __post_init__(self):
@@ -37,6 +38,8 @@ class ProbeConfig:
             raise ValueError(f"probe.state must be one of {STATES}, got {self.state!r}")
         if self.contrast not in CONTRASTS and not self.contrast.startswith("word:"):
             raise ValueError(f"probe.contrast must be one of {CONTRASTS} or 'word:<w>', got {self.contrast!r}")
+        if not 0 < self.faithfulness_sample <= 1:
+            raise ValueError(f"probe.faithfulness_sample must be in (0, 1], got {self.faithfulness_sample!r}")
 
 
 # The state label of a `per_step` trajectory row whose step comes after the token's commit step:

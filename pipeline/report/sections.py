@@ -3,6 +3,7 @@ and the gallery rows fetched from the run) returning Safe HTML. Corpus text is a
 from __future__ import annotations
 
 from dcam.actors.schema import FAITHFULNESS_SCORES, MAP_STATS
+from dcam.pipeline.report.grounding import highlight_spans, occurrence_of
 from dcam.pipeline.report.render import (
     Safe,
     clip_text,
@@ -16,7 +17,6 @@ from dcam.pipeline.report.render import (
     plain_image,
     table,
 )
-from dcam.pipeline.report.grounding import highlight_spans, occurrence_of
 from dcam.pipeline.report.scan import BOOT_METRICS, BREAKDOWN_METRICS
 from dcam.pipeline.report.template import section
 
@@ -63,6 +63,8 @@ def render_headline(ctx) -> Safe:
     note = (f"Means over explained rows per (method, refine) with {s['bootstrap']['resamples']} bootstrap resamples "
             "(95% percentile intervals, seeded). F3 (paper) = harmonic mean of the dataset means of Obj-IoU, "
             "min(mean contrast/20, 1) and concentration; F3 per-image mean = mean of the per-row F3. "
+            "Deletion/insertion AUCs are measured on the row's (refined) map; with probe.faithfulness_sample < 1 "
+            "only the sampled words have them, the others are left out: n is the sample size. "
             "\u2193 = lower is better.")
     return section("headline", "Headline", Safe(body), note)
 

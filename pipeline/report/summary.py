@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from dcam import __version__
-from dcam.actors.numeric import finite_or_none, nanmean
-from dcam.actors.schema import TABLE_SCORES
+from dcam.actors.numeric import finite_or_none, mean_interval, nanmean
+from dcam.actors.schema import FAITHFULNESS_SCORES, TABLE_SCORES
 from dcam.pipeline.console import format_table
 from dcam.pipeline.layout import RunDir
 from dcam.pipeline.report.build import generate_report
@@ -59,6 +59,25 @@ def localisation_table(t, grounding_threshold: float = DEFAULT_GROUNDING_THRESHO
     return out
 
 
+def faithfulness_table(t) -> list[dict]:
+    """Corpus-level faithfulness per (method, refine) over ok explained rows: `words` rows, of which
+    `sampled` had curves measured (probe.faithfulness_sample), and per AUC {mean, lo, hi, n}, the
+    mean over the rows with a value and its 95% interval (actors.numeric.mean_interval). Rows
+    outside the sample hold nulls and are left out of n, the mean and the interval."""
+    import pyarrow.compute as pc
+
+    ok = t.filter(pc.and_(pc.equal(t["status"], "ok"), pc.is_valid(t["method"])))
+    out = []
+    for method, refine in sorted({(m, r) for m, r in zip(ok["method"].to_pylist(), ok["refine"].to_pylist())}, key=str):
+        sel = ok.filter(pc.and_(pc.equal(ok["method"], method), pc.equal(ok["refine"], refine)))
+        sampled = sel["faithfulness_sampled"].to_pylist()
+        row = dict(method=method, refine=refine, words=sel.num_rows, sampled=sum(1 for v in sampled if v))
+        for k in FAITHFULNESS_SCORES:
+            row[k] = mean_interval(sel[k].to_numpy(zero_copy_only=False).astype(float))
+        out.append(row)
+    return out
+
+
 def status_counts(t) -> dict:
     """Per input row (shard, row_index): ok, or error by reason."""
     rows = {}
@@ -86,20 +105,30 @@ def format_summary(s: dict) -> str:
     if s["table"]:
         cols = ["rows", "obj_iou", "pointing", "pointing_tol", "energy", "wrong_object", "deletion_auc", "grounded_rate"]
         lines.append(format_table([("method", 18), ("refine", 20)], cols, s["table"], width=11, indent="  "))
+    for f in s.get("faithfulness") or []:
+        if f["deletion_auc"]["n"]:
+            lines.append(f"  faithfulness {f['method']}/{f['refine']}: deletion AUC {_ci(f['deletion_auc'])}, insertion "
+                         f"AUC {_ci(f['insertion_auc'])} (95% intervals; curves on {f['sampled']} of {f['words']} words)")
     return "\n".join(lines)
+
+
+def _ci(d: dict) -> str:
+    """'0.289 [0.281, 0.297] n=1192'."""
+    ci = "" if d["lo"] is None else f" [{d['lo']:.3f}, {d['hi']:.3f}]"
+    return f"{d['mean']:.3f}{ci} n={d['n']}"
 
 
 def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting,
                     grounding_threshold: float = DEFAULT_GROUNDING_THRESHOLD) -> dict:
     """The results part of summary.json, cross-checked: every input row the manifest lists is
     in the final files exactly once (ok or error), else AccountingError."""
-    cols = ["shard", "row_index", "status", "error_kind", "method", "refine", "word_type", *TABLE_SCORES,
-            "image_reliance"]
+    cols = ["shard", "row_index", "status", "error_kind", "method", "refine", "word_type", "faithfulness_sampled",
+            *TABLE_SCORES, "image_reliance"]
     t = read_results(run, cols)
     acct = accounting.to_dict()
     s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, **status_counts(t), accounting=acct,
              table=localisation_table(t, grounding_threshold), grounding_threshold=grounding_threshold,
-             **throughput(run, counts))
+             faithfulness=faithfulness_table(t), **throughput(run, counts))
     if not acct["exact"] or s["inputs"] != acct["expected_inputs"]:
         raise AccountingError(f"ACCOUNTING MISMATCH in {run.url}: the manifest lists {acct['expected_inputs']} input "
                               f"rows, the final files hold {s['inputs']} ({acct['present_inputs']} verified per shard); "

@@ -347,3 +347,36 @@ def test_bench_smoke_reports_agreement():
     assert res["n_maps"] == 4 and res["max_abs_diff"] <= 1e-6
     with pytest.raises(ValueError, match="repeats"):
         run_bench_refine(n_maps=2, h=4, w=4, loop_repeats=0)
+
+
+# ----------------------------------------------------------------------------- SICD token set (issue 13, defect 3)
+
+def test_sicd_token_ids_parity_is_the_raw_canvas_clean_is_the_response():
+    canvas = [5, 6, 7, 2, 0, 0, 0]  # response 5 6 7, end token 2, padding 0
+    assert R.sicd_token_ids(canvas, 3, "parity") == canvas
+    assert R.sicd_token_ids(canvas, 3, "clean") == [5, 6, 7]
+    with pytest.raises(ValueError, match="outside"):
+        R.sicd_token_ids(canvas, 8, "clean")
+    with pytest.raises(ValueError, match="token mode"):
+        R.sicd_token_ids(canvas, 3, "raw")
+
+
+def test_refine_explained_parity_uses_the_padded_canvas_as_the_reference():
+    maps = random_maps(n=4, seed=11)
+    canvases = [[5, 6, 7, 2, 0, 0, 0, 0]] * 4
+    cfg = R.RefineConfig.parity(akd=False, sicd_eos_id=2)
+    got = R.refine_explained(maps, cfg, canvases, [3] * 4)
+    np.testing.assert_array_equal(got, R.refine_batch(maps, cfg, token_ids=canvases))
+    # the token set the pipeline passed before (response + one end token) gives other maps
+    assert not np.allclose(got, R.refine_batch(maps, cfg, token_ids=[[5, 6, 7, 2]] * 4))
+
+
+def test_refine_explained_clean_equals_the_response_with_its_end_token():
+    maps = random_maps(n=4, seed=12)
+    canvases = [[5, 5, 7, 2, 0, 0], [5, 6, 7, 8, 2, 2], [9, 2, 9, 9, 9, 9], [4, 4, 4, 4, 4, 4]]
+    lengths = [3, 4, 1, 6]
+    cfg = R.RefineConfig(sicd_eos_id=2)
+    expected = R.refine_batch(maps, cfg, token_ids=[c[:n] + [2] for c, n in zip(canvases, lengths)])
+    np.testing.assert_array_equal(R.refine_explained(maps, cfg, canvases, lengths), expected)
+    with pytest.raises(ValueError, match="one canvas"):
+        R.refine_explained(maps, cfg, canvases[:3], lengths)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dcam.conf import CONF_DIR
 from dcam.pipeline.cli import main
 from dcam.pipeline.config import ConfigError, config_hash, hashed_view, load_config
-from dcam.conf import CONF_DIR
 from dcam.pipeline.config_schema import MODEL_SCHEMAS
 
 KNOWN_MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

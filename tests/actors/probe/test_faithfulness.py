@@ -91,3 +91,35 @@ def test_faithfulness_matches_one_forward_per_curve_point(probed, k_steps):
         assert ins[j] == pytest.approx(curve_auc(np.array([curves[1]]))[0], abs=1e-5)
     if k_steps > 1:  # with one step both curves are the same two points, so equal AUCs
         assert not np.allclose(dele, ins)
+
+
+# ----------------------------------------------------------------------------- sampled faithfulness (issue 17)
+
+PINNED = [True, True, True, True, False, True, True, False]
+
+
+def _plain_pick(sample_id: str, token_index: int, seed: int, fraction: float) -> bool:
+    import hashlib
+
+    h = hashlib.blake2b(f"{sample_id}\x1f{token_index}\x1f{seed}".encode(), digest_size=8).hexdigest()
+    return int(h, 16) < fraction * 2 ** 64
+
+def test_sample_selector_is_a_fixed_function_of_id_word_and_seed():
+    from dcam.actors.probe.faithfulness import in_faithfulness_sample as pick
+
+    words = [(f"img-{i}", p) for i in range(2000) for p in (3, 7)]
+    first = [pick(s, p, 0, 0.25) for s, p in words]
+    assert first == [pick(s, p, 0, 0.25) for s, p in words]  # same words on rerun
+    assert first[::-1] == [pick(s, p, 0, 0.25) for s, p in reversed(words)]  # order-independent (resume)
+    assert abs(np.mean(first) - 0.25) < 0.02  # the fraction, approximately
+    assert first != [pick(s, p, 1, 0.25) for s, p in words]  # the seed re-draws
+    # nested: a word in the 10% sample is in the 25% sample
+    assert all(b for a, b in zip([pick(s, p, 0, 0.10) for s, p in words], first) if a)
+    assert all(pick(s, p, 0, 1.0) for s, p in words[:50])
+    # pinned values (blake2b, not Python's per-process salted hash()): the same on every machine
+    assert [pick(f"img-{i}", 3, 0, 0.5) for i in range(8)] == PINNED
+    assert first == [_plain_pick(s, p, 0, 0.25) for s, p in words]
+    with pytest.raises(ValueError):
+        pick("a", 0, 0, 0.0)
+    with pytest.raises(ValueError):
+        pick("a", 0, 0, 1.5)

@@ -125,3 +125,43 @@ def test_tiny_states_after_the_last_keys_and_values_are_refused_for_gradients(ra
     out = random_backend.attribution_forward(batch, torch.tensor([0]), canvas, ["blocks.3.ln1"])
     g = torch.autograd.grad(out.logits[0, 0].logsumexp(-1), out.activations["blocks.3.ln1"])[0]
     assert g[0, torch.as_tensor(batch.spans[0].positions().reshape(-1))].abs().sum() > 0
+
+
+def test_curves_are_measured_on_the_refined_map_of_the_sampled_words():
+    """Issue 13 defect 1 / issue 17 item 1: with the method's RefineConfig, each sampled word's AUCs are the
+    curves of its refined map (the map the CPU stage writes); unsampled words keep NaN AUCs and say so.
+    Shipped weights: a random model's word probability barely depends on the image, so its curves are flat."""
+    from dcam.actors.methods import refine_config
+    from dcam.actors.probe.faithfulness import faithfulness, in_faithfulness_sample
+    from dcam.actors.probe.targets import build_targets, obtain_response
+    from dcam.actors.refine import refine_batch
+
+    backend = TinyBackend.load()
+    items = scenes.make_scenes(33, 0, 3, scenes.SceneConfig(size=backend.model.config.image_size))
+    ids = [f"s{i}" for i in range(3)]
+    pc = ProbeConfig(hook="blocks.0.out", faithfulness_steps=8, faithfulness_sample=0.5, seed=4)
+    rc = refine_config("diffusion_cam", backend.eos_id)
+    res = explain_batch(backend, [s.image for s in items], [s.prompt for s in items], {"m": pc},
+                        responses=[s.caption for s in items], refines={"m": rc}, ids=ids)
+    batch, _ = backend.prepare([s.image for s in items], [s.prompt for s in items], [s.caption for s in items])
+    gen = obtain_response(backend, batch, 0)
+    seen, raw_differs = {True: 0, False: 0}, []
+    for j, r in enumerate(res):
+        targets = build_targets(backend, gen, pc, {j: [m.position for m in r.maps["m"]]})
+        for m, t in zip(r.maps["m"], targets):
+            assert m.faithfulness_sampled == in_faithfulness_sample(ids[j], m.position, 4, 0.5)
+            seen[m.faithfulness_sampled] += 1
+            if not m.faithfulness_sampled:
+                assert np.isnan(m.deletion_auc) and np.isnan(m.insertion_auc)
+                continue
+            fine = refine_batch(m.raw_map[None], rc, token_ids=[r.response_ids + [backend.eos_id]])
+            with torch.no_grad():
+                d, i = faithfulness(backend, batch, torch.tensor([j]).repeat(2), t.canvas[None].repeat(2, 1),
+                                    torch.tensor([t.position]).repeat(2), torch.tensor([t.token_id]).repeat(2),
+                                    np.concatenate([fine, m.raw_map[None]]), 8)
+            raw_differs.append(abs(float(d[1]) - float(d[0])) > 1e-3)
+            assert (m.deletion_auc, m.insertion_auc) == (pytest.approx(float(d[0]), abs=1e-5), pytest.approx(float(i[0]), abs=1e-5))
+    assert seen[True] and seen[False]
+    assert any(raw_differs)  # the raw map's curves are other curves: the old behaviour fails this test
+    with pytest.raises(ValueError, match="ids"):
+        explain_batch(backend, [items[0].image], [items[0].prompt], {"m": pc}, responses=[items[0].caption])
