@@ -20,7 +20,8 @@ def stage_rows(tokens: list[str], objects: list[dict], mask: np.ndarray, maps: d
                with_tokens: bool = True) -> list[dict]:
     """Output records of one sample whose response is `tokens`; maps: explained position -> map."""
     ids = [hash(t) % 1000 for t in tokens]
-    payload = dict(prompt="p", response=" ".join(tokens), response_ids=ids, eos_id=1000, response_source="given",
+    payload = dict(prompt="p", response=" ".join(tokens), response_ids=ids, canvas_ids=[*ids, 1000], eos_id=1000,
+                   response_source="given",
                    methods={"m": dict(hook="blocks.1", state="trajectory", variant="grad_norm", contrast="logit")},
                    maps={"m": [dict(position=p, token_id=ids[p], token=tokens[p], step=0, raw_map=m.astype(np.float32),
                                     target_prob=0.5, deletion_auc=float("nan"), insertion_auc=float("nan"),
