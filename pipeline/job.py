@@ -107,16 +107,18 @@ def check_actor_resources(actors_cfg: dict, may_grow: bool, log) -> None:
     log(f"WARNING: {msg}; waiting for the cluster to scale up (Ray Data waits without a deadline)")
 
 
-def probe_threads(d: dict, may_grow: bool) -> int | None:
+def probe_threads(d: dict, may_grow: bool) -> int | str | None:
     """torch threads per ProbeActor. Ray pins a worker with fractional num_cpus to one OpenMP
     thread, which leaves most of a CPU-only machine idle while the probe (the only heavy stage)
     runs; `auto` gives each actor of a local cluster an equal share of this machine's cores. On an
-    existing cluster `auto` keeps Ray's setting (node sizes are unknown here): set a number."""
+    existing cluster the driver cannot know the node an actor lands on: "auto" stays, and each
+    actor sizes itself there (pipeline.node_threads.actor_node_threads, handed over in
+    build_dataset)."""
     t = d["probe"].get("threads")
     if t != "auto":
         return None if t is None else int(t)
     if may_grow:
-        return None
+        return "auto"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, int(d["actors"].get("pool_max") or 1)))
 
@@ -126,6 +128,7 @@ def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
     from ray.data import ActorPoolStrategy
 
     from dcam.actors.probe_actor import ProbeActor
+    from dcam.pipeline.node_threads import actor_node_threads
 
     so = d.get("storage") or {}
     bs = int(d["probe"]["batch_size"])
@@ -135,7 +138,8 @@ def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
     a = d["actors"]
     ds = ds.map_batches(ProbeActor, batch_size=bs, batch_format="numpy",
                         fn_constructor_kwargs=dict(model_cfg=d["model"], methods=d["methods"], probe_cfg=d["probe"],
-                                                   testing=d.get("testing") or {}),
+                                                   testing=d.get("testing") or {},
+                                                   threads_resolver=actor_node_threads),
                         compute=ActorPoolStrategy(min_size=int(a["pool_min"]), max_size=int(a["pool_max"])),
                         num_gpus=a["num_gpus"], num_cpus=a["num_cpus"])
     ds = ds.map_batches(stages.refine_score_batch, batch_size=bs, batch_format="numpy", num_cpus=d["score_num_cpus"],
