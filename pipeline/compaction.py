@@ -28,8 +28,21 @@ class ShardIncompleteError(RuntimeError):
 
 
 def parts_of(run, entry, config_hash: str) -> list[str]:
+    """The shard's part files (one listing of _staging/parts; reconcile uses parts_by_shard)."""
     prefix = f"{entry.shard_key}.{config_hash}."
     return [p for p in run.ls(PARTS) if p.rsplit("/", 1)[-1].startswith(prefix)]
+
+
+def parts_by_shard(listing: list[str], entries, config_hash: str) -> dict[str, list[str]]:
+    """shard_key -> its part files, for every entry, from one listing of _staging/parts, in
+    O(parts + shards): a part's name is <shard_key>.<hash>.<lo>-<hi>.parquet."""
+    keys = {e.shard_key for e in entries}
+    out: dict[str, list[str]] = {k: [] for k in keys}
+    for p in listing:
+        head, sep, _ = p.rsplit("/", 1)[-1].rpartition(f".{config_hash}.")
+        if sep and head in keys:
+            out[head].append(p)
+    return out
 
 
 def input_rows(run, paths: list[str]) -> set[int]:
@@ -41,11 +54,13 @@ def input_rows(run, paths: list[str]) -> set[int]:
     return seen
 
 
-def final_input_rows(run, entry, config_hash: str) -> int | None:
+def final_input_rows(run, entry, config_hash: str, finals: set[str] | None = None) -> int | None:
     """How many of the shard's input rows its final file holds (None: no final file). Rows
-    outside 0..rows-1 are not counted."""
-    path = run.path(RESULTS, final_name(entry.shard_key, config_hash))
-    if not run.fs.exists(path):
+    outside 0..rows-1 are not counted. `finals`: names in one listing of results/ (saves an
+    existence request per shard on object stores)."""
+    name = final_name(entry.shard_key, config_hash)
+    path = run.path(RESULTS, name)
+    if (name not in finals) if finals is not None else not run.fs.exists(path):
         return None
     return len(input_rows(run, [path]) & set(range(entry.rows)))
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from dcam import __version__
-from dcam.actors.numeric import finite_or_none, nanmean
+from dcam.actors.numeric import finite_or_none
 from dcam.actors.schema import TABLE_SCORES
 from dcam.pipeline.console import format_table
 from dcam.pipeline.layout import RunDir
@@ -31,28 +31,60 @@ class AccountingError(RuntimeError):
     """The final files' rows disagree with the manifest: the run is not complete, whatever it says."""
 
 
-def read_results(run: RunDir, columns: list[str]):
-    """The run's final results as one Arrow table (only `columns`)."""
-    ds = pads.dataset(run.path("results"), filesystem=run.fs, format="parquet")
-    return ds.to_table(columns=columns)
+def iter_result_files(run: RunDir, columns: list[str]):
+    """The run's final files one at a time (only `columns`): memory bounded by the largest shard,
+    not by the run (reading them as one table held every output row in the driver)."""
+    for path in run.ls("results"):  # a fresh listing (s3fs caches listings: this driver wrote them)
+        name = path.rsplit("/", 1)[-1]
+        if not name.endswith(".parquet") or name.startswith(("_", ".")):
+            continue  # _parts/ of the old layout, dot files, .tmp
+        with run.fs.open(path, "rb") as f:
+            yield pq.read_table(f, columns=columns, use_threads=False)
 
 
-def localisation_table(t) -> list[dict]:
-    """Mean of each score per (method, refine) over ok rows that have the score."""
-    import pyarrow.compute as pc
+class ResultsTally:
+    """Status counts and the localisation table accumulated file by file. A final file holds one
+    input shard, so an input row (shard, row_index) never spans two files and per-file distinct
+    rows add up to the run's."""
 
-    ok = t.filter(pc.equal(t["status"], "ok"))
-    out = []
-    keys = sorted({(m, r) for m, r in zip(ok["method"].to_pylist(), ok["refine"].to_pylist()) if m is not None})
-    for method, refine in keys:
-        sel = ok.filter(pc.and_(pc.equal(ok["method"], method), pc.equal(ok["refine"], refine)))
-        row = dict(method=method, refine=refine, rows=sel.num_rows)
-        for k in TABLE_SCORES:
-            v = sel[k].to_numpy(zero_copy_only=False).astype(float)
-            row[k] = finite_or_none(nanmean(v))
-            row[f"{k}_n"] = int((~np.isnan(v)).sum())
-        out.append(row)
-    return out
+    def __init__(self):
+        self.inputs, self.ok, self.errors = 0, 0, {}
+        self.scores: dict[tuple, dict] = {}  # (method, refine) -> rows, and per score [sum, count]
+
+    def add(self, t) -> None:
+        c = status_counts(t)
+        self.inputs += c["inputs"]
+        self.ok += c["ok"]
+        for k, n in c["errors"].items():
+            self.errors[k] = self.errors.get(k, 0) + n
+        self._add_scores(t)
+
+    def _add_scores(self, t) -> None:
+        import pyarrow.compute as pc
+
+        ok = t.filter(pc.equal(t["status"], "ok"))
+        keys = sorted({(m, r) for m, r in zip(ok["method"].to_pylist(), ok["refine"].to_pylist()) if m is not None})
+        for method, refine in keys:
+            sel = ok.filter(pc.and_(pc.equal(ok["method"], method), pc.equal(ok["refine"], refine)))
+            acc = self.scores.setdefault((method, refine), dict(rows=0, **{k: [0.0, 0] for k in TABLE_SCORES}))
+            acc["rows"] += sel.num_rows
+            for k in TABLE_SCORES:
+                v = sel[k].to_numpy(zero_copy_only=False).astype(float)
+                v = v[~np.isnan(v)]
+                acc[k][0] += float(v.sum())
+                acc[k][1] += int(v.size)
+
+    def table(self) -> list[dict]:
+        """Mean of each score per (method, refine) over ok rows that have the score."""
+        out = []
+        for (method, refine), acc in sorted(self.scores.items()):
+            row = dict(method=method, refine=refine, rows=acc["rows"])
+            for k in TABLE_SCORES:
+                total, n = acc[k]
+                row[k] = finite_or_none(total / n) if n else None
+                row[f"{k}_n"] = n
+            out.append(row)
+        return out
 
 
 def status_counts(t) -> dict:
@@ -89,10 +121,12 @@ def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting) -> dic
     """The results part of summary.json, cross-checked: every input row the manifest lists is
     in the final files exactly once (ok or error), else AccountingError."""
     cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
-    t = read_results(run, cols)
+    tally = ResultsTally()
+    for t in iter_result_files(run, cols):
+        tally.add(t)
     acct = accounting.to_dict()
-    s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, **status_counts(t), accounting=acct,
-             table=localisation_table(t), **throughput(run, counts))
+    s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, inputs=tally.inputs, ok=tally.ok,
+             errors=tally.errors, accounting=acct, table=tally.table(), **throughput(run, counts))
     if not acct["exact"] or s["inputs"] != acct["expected_inputs"]:
         raise AccountingError(f"ACCOUNTING MISMATCH in {run.url}: the manifest lists {acct['expected_inputs']} input "
                               f"rows, the final files hold {s['inputs']} ({acct['present_inputs']} verified per shard); "
