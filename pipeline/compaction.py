@@ -45,24 +45,38 @@ def parts_by_shard(listing: list[str], entries, config_hash: str) -> dict[str, l
     return out
 
 
-def input_rows(run, paths: list[str]) -> set[int]:
+# A Parquet file up to this size is fetched whole in one request (object stores: one GET instead
+# of a size request, a footer read and a column read); larger ones read their footer and columns.
+SMALL_FILE_BYTES = 8 << 20
+
+
+def read_columns(run, path: str, columns: list[str], size: int | None = None) -> pa.Table:
+    """`columns` of one Parquet file of the run; `size` (from a listing) lets a small file come
+    in one request."""
+    if size is not None and size <= SMALL_FILE_BYTES:
+        return pq.read_table(pa.BufferReader(run.fs.cat_file(path)), columns=columns, use_threads=False)
+    with run.fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns, use_threads=False)
+
+
+def input_rows(run, paths: list[str], sizes: dict[str, int] | None = None) -> set[int]:
     """Distinct row_index values over result or part files (reads that one column only)."""
     seen: set[int] = set()
     for p in paths:
-        with run.fs.open(p, "rb") as f:
-            seen.update(pq.read_table(f, columns=["row_index"]).column(0).to_pylist())
+        size = (sizes or {}).get(p.rsplit("/", 1)[-1])
+        seen.update(read_columns(run, p, ["row_index"], size).column(0).to_pylist())
     return seen
 
 
-def final_input_rows(run, entry, config_hash: str, finals: set[str] | None = None) -> int | None:
+def final_input_rows(run, entry, config_hash: str, finals: dict[str, int] | None = None) -> int | None:
     """How many of the shard's input rows its final file holds (None: no final file). Rows
-    outside 0..rows-1 are not counted. `finals`: names in one listing of results/ (saves an
-    existence request per shard on object stores)."""
+    outside 0..rows-1 are not counted. `finals`: name -> size from one listing of results/ (no
+    existence request per shard, small files in one request)."""
     name = final_name(entry.shard_key, config_hash)
     path = run.path(RESULTS, name)
     if (name not in finals) if finals is not None else not run.fs.exists(path):
         return None
-    return len(input_rows(run, [path]) & set(range(entry.rows)))
+    return len(input_rows(run, [path], finals) & set(range(entry.rows)))
 
 
 def compact(run, entry, config_hash: str, parts: list[str], fence=None) -> int:

@@ -276,23 +276,27 @@ def run_job(cfg, log=print, probe_stage: tuple | None = None) -> dict:
         entries = load_or_create_manifest(run, h, input_url, shards, d["source"], log)
         store_run_config(run, d, h)
         rec = reconcile(run, entries, h, log, fence=lease.fence)
+        unchanged = not rec.pending and not rec.changed  # a rerun of a finished run: results as summarised
         if rec.pending and run.exists(SUCCESS):
             run.fs.rm(run.path(SUCCESS))  # a final file failed verification: the run is not complete any more
         log(f"run {run.url} (config {h}, lease {lease.run_id}): {len(entries)} shards, {len(rec.complete)} already "
             f"complete, {len(rec.pending)} to process")
-        counts = execute(rec.pending, run, d, h, log, lease, probe_stage) if rec.pending else dict(inputs=0, ok=0, errors={})
-        rec = reconcile(run, entries, h, log, fence=lease.fence)
+        counts = dict(inputs=0, ok=0, errors={})
+        if rec.pending:  # else the reconciliation above already verified every final file (under the lease)
+            counts = execute(rec.pending, run, d, h, log, lease, probe_stage)
+            rec = reconcile(run, entries, h, log, fence=lease.fence)
         if rec.pending or not rec.accounting.exact:
             raise JobIncompleteError(f"{len(rec.pending)} shards still incomplete after the run "
                                      f"({rec.accounting.describe()}): {[e.url for e in rec.pending][:5]}")
-        return complete_run(run, d, h, counts, rec.accounting, lease, log)
+        return complete_run(run, d, h, counts, rec.accounting, lease, log, unchanged and not rec.changed)
 
 
-def complete_run(run: RunDir, d: dict, h: str, counts: dict, accounting, lease: OutputLease, log) -> dict:
+def complete_run(run: RunDir, d: dict, h: str, counts: dict, accounting, lease: OutputLease, log,
+                 unchanged: bool = False) -> dict:
     """Cross-check the results against the accounting, write _SUCCESS (fenced), then summary and report."""
     from dcam.pipeline.report.summary import finish_run, results_summary
 
-    s = results_summary(run, h, counts, accounting)
+    s = results_summary(run, h, counts, accounting, unchanged)
     lease.fence("writing _SUCCESS")
     run.write_text(SUCCESS, json.dumps(dict(config_hash=h, shards=len(accounting.expected), lease=lease.run_id,
                                             **{k: accounting.to_dict()[k] for k in ("expected_inputs", "present_inputs")})))

@@ -122,6 +122,7 @@ class Reconciliation:
     complete: list[ShardEntry]
     pending: list[ShardEntry]
     accounting: Accounting
+    changed: bool = False  # a final file was written (compaction) or moved aside: results differ from before
 
 
 def reconcile(run: RunDir, entries: list[ShardEntry], config_hash: str, log=print, fence=None) -> Reconciliation:
@@ -132,16 +133,17 @@ def reconcile(run: RunDir, entries: list[ShardEntry], config_hash: str, log=prin
     acct = Accounting(expected={e.url: e.rows for e in entries})
     # One listing each of results/ and of the parts, shared by every shard: a listing per shard
     # made a resume O(shards x parts) in time and requests (issue 17: 2,000 shards on S3).
-    finals = {p.rsplit("/", 1)[-1] for p in run.ls(RESULTS)}
+    finals = run.sizes(RESULTS)
     parts_of_shard = parts_by_shard(run.ls(PARTS), entries, config_hash)
     with ThreadPoolExecutor(8) as pool:  # one column of every final file: parallel on object stores
         present = dict(zip([e.url for e in entries],
                            pool.map(lambda e: final_input_rows(run, e, config_hash, finals), entries)))
-    complete, pending = [], []
+    complete, pending, changed = [], [], False
     for e in entries:
         parts = parts_of_shard[e.shard_key]
         if present[e.url] is not None and present[e.url] != e.rows:
             reject_final(run, e, config_hash, present[e.url], log)
+            changed = True
         elif present[e.url] is not None:
             _remove_all(run, parts)  # written again by a retried task after compaction
             acct.present[e.url] = e.rows
@@ -151,12 +153,13 @@ def reconcile(run: RunDir, entries: list[ShardEntry], config_hash: str, log=prin
             compact(run, e, config_hash, parts, fence)
             acct.present[e.url] = e.rows
             complete.append(e)
+            changed = True
         else:
             if parts:
                 log(f"shard {e.url}: partial output ({len(parts)} part files) deleted; it will be processed again")
                 _remove_all(run, parts)
             pending.append(e)
-    return Reconciliation(complete, pending, acct)
+    return Reconciliation(complete, pending, acct, changed)
 
 
 def reject_final(run: RunDir, entry: ShardEntry, config_hash: str, present: int, log) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from dcam import __version__
 from dcam.actors.numeric import finite_or_none
@@ -34,12 +33,12 @@ class AccountingError(RuntimeError):
 def iter_result_files(run: RunDir, columns: list[str]):
     """The run's final files one at a time (only `columns`): memory bounded by the largest shard,
     not by the run (reading them as one table held every output row in the driver)."""
-    for path in run.ls("results"):  # a fresh listing (s3fs caches listings: this driver wrote them)
-        name = path.rsplit("/", 1)[-1]
-        if not name.endswith(".parquet") or name.startswith(("_", ".")):
-            continue  # _parts/ of the old layout, dot files, .tmp
-        with run.fs.open(path, "rb") as f:
-            yield pq.read_table(f, columns=columns, use_threads=False)
+    from dcam.pipeline.compaction import read_columns
+
+    sizes = run.sizes("results")  # a fresh listing (s3fs caches listings: this driver wrote them)
+    for name in sorted(sizes):
+        if name.endswith(".parquet") and not name.startswith(("_", ".")):  # not .tmp, not dot files
+            yield read_columns(run, run.path("results", name), columns, sizes[name])
 
 
 class ResultsTally:
@@ -100,6 +99,21 @@ def status_counts(t) -> dict:
     return dict(inputs=len(rows), ok=sum(1 for st, _ in rows.values() if st == "ok"), errors=errors)
 
 
+def previous_results(run: RunDir, cfg_hash: str, acct: dict) -> dict | None:
+    """inputs, ok, errors and table of the run's complete summary.json for this config and this
+    accounting, else None."""
+    if not run.exists("summary.json"):
+        return None
+    try:
+        old = json.loads(run.read_text("summary.json"))
+    except ValueError:
+        return None
+    same = (old.get("results_status") == "complete" and old.get("config_hash") == cfg_hash
+            and all((old.get("accounting") or {}).get(k) == acct[k] for k in ("expected_inputs", "present_inputs")))
+    keys = ("inputs", "ok", "errors", "table")
+    return {k: old[k] for k in keys} if same and all(k in old for k in keys) else None
+
+
 def format_summary(s: dict) -> str:
     lines = [f"dcam run {s['run']}: {s['inputs']} input rows, {s['ok']} ok, {s['inputs'] - s['ok']} errors"]
     if s.get("accounting"):
@@ -117,16 +131,21 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting) -> dict:
+def results_summary(run: RunDir, cfg_hash: str, counts: dict, accounting, unchanged: bool = False) -> dict:
     """The results part of summary.json, cross-checked: every input row the manifest lists is
-    in the final files exactly once (ok or error), else AccountingError."""
-    cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
-    tally = ResultsTally()
-    for t in iter_result_files(run, cols):
-        tally.add(t)
+    in the final files exactly once (ok or error), else AccountingError. `unchanged`: this run
+    wrote no final file (a rerun of a finished run, verified by reconcile): the counts and table
+    of its complete summary.json are the results' own, so the final files are not read again."""
     acct = accounting.to_dict()
-    s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, inputs=tally.inputs, ok=tally.ok,
-             errors=tally.errors, accounting=acct, table=tally.table(), **throughput(run, counts))
+    results = previous_results(run, cfg_hash, acct) if unchanged else None
+    if results is None:
+        cols = ["shard", "row_index", "status", "error_kind", "method", "refine", *TABLE_SCORES]
+        tally = ResultsTally()
+        for t in iter_result_files(run, cols):
+            tally.add(t)
+        results = dict(inputs=tally.inputs, ok=tally.ok, errors=tally.errors, table=tally.table())
+    s = dict(run=run.url, config_hash=cfg_hash, dcam_version=__version__, **results, accounting=acct,
+             **throughput(run, counts))
     if not acct["exact"] or s["inputs"] != acct["expected_inputs"]:
         raise AccountingError(f"ACCOUNTING MISMATCH in {run.url}: the manifest lists {acct['expected_inputs']} input "
                               f"rows, the final files hold {s['inputs']} ({acct['present_inputs']} verified per shard); "

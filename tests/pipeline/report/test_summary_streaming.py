@@ -61,3 +61,23 @@ def test_summary_memory_does_not_grow_with_the_number_of_shards(tmp_path):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 2.0 * peaks[0], peaks
+
+
+def test_a_rerun_that_changed_nothing_reuses_the_complete_summary(tmp_path, monkeypatch):
+    # Issue 17: a resumed finished 2,000-shard run on S3 read every final file twice (reconcile, then
+    # the summary); the reconciliation already verified them and nothing was written since.
+    from dcam.pipeline.report import summary as summary_mod
+
+    url = write_synthetic_run(str(tmp_path / "run"), n_samples=30, n_shards=3)
+    first = _summary(url)
+    first["results_status"] = "complete"
+    RunDir(url, {}).write_text("summary.json", json.dumps(first))
+    monkeypatch.setattr(summary_mod, "iter_result_files", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+    run = RunDir(url, {})
+    doc = json.loads(run.read_text("manifest.json"))
+    rows = {e["url"]: e["rows"] for e in doc["shards"]}
+    again = results_summary(run, doc["config_hash"], {}, Accounting(expected=rows, present=dict(rows)), unchanged=True)
+    assert {k: again[k] for k in ("inputs", "ok", "errors", "table")} == \
+        {k: first[k] for k in ("inputs", "ok", "errors", "table")}
+    with pytest.raises(AssertionError, match="read"):  # another config: the files are read again
+        results_summary(run, "otherhash", {}, Accounting(expected=rows, present=dict(rows)), unchanged=True)
