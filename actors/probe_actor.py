@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,12 +29,11 @@ class ModelLoadError(RuntimeError):
 
 
 class ProbeActor:
-    def __init__(self, model_cfg: dict, methods: dict, probe_cfg: dict, testing: dict | None = None):
+    def __init__(self, model_cfg: dict, methods: dict, probe_cfg: dict, testing: dict | None = None,
+                 threads_resolver: Callable[[], int | None] | None = None):
         from dcam.actors.models import load_backend
 
-        threads = probe_cfg.get("threads")
-        if threads not in (None, "auto"):  # "auto" resolved by the driver (pipeline.job); in-process: torch's default
-            torch.set_num_threads(int(threads))
+        self.threads = set_probe_threads(probe_cfg.get("threads"), threads_resolver)
         self.load_error = None
         try:
             self.backend = load_backend(model_cfg)
@@ -120,6 +120,19 @@ class ProbeActor:
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
         os._exit(1)
+
+
+def set_probe_threads(threads, resolver: Callable[[], int | None] | None) -> int:
+    """Apply `probe.threads` in this process; returns the torch threads now in effect.
+    A number is used as given. "auto" asks `resolver` (pipeline.node_threads.actor_node_threads on
+    an existing cluster: the share of the node this actor landed on); the driver already turned
+    "auto" into a number on a local cluster. No resolver, or None from it: the process's setting
+    (Ray's OMP_NUM_THREADS for a Ray worker, torch's default in-process) stands."""
+    if threads == "auto":
+        threads = resolver() if resolver is not None else None
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def _probe_overrides(probe_cfg: dict) -> dict:

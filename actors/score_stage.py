@@ -37,7 +37,7 @@ class RefineScoreStage:
         return self._refine[key]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         n = len(batch["id"])
         payloads = [pickle.loads(p) if batch["status"][i] == "ok" and isinstance(p, (bytes, bytearray)) else None
                     for i, p in enumerate(batch["payload"])]
@@ -46,9 +46,10 @@ class RefineScoreStage:
         for i in range(n):
             records[i] = pickle.dumps(self._records(batch, i, payloads[i], refined.get(i, {})), protocol=5)
         ms = (time.perf_counter() - t0) * 1000 / max(1, n)
-        keep = ("id", "shard", "row_index", "status", "error", "error_kind")
-        out = {k: batch[k] for k in keep}
-        out.update(records=records, refine_ms=np.full(n, ms))
+        cpu_s = (time.process_time() - cpu0) / max(1, n)
+        keep = ("id", "shard", "row_index", "status", "error", "error_kind", "decode_cpu_s")
+        out = {k: batch[k] for k in keep if k in batch}
+        out.update(records=records, refine_ms=np.full(n, ms), refine_cpu_s=np.full(n, cpu_s))
         return out
 
     def _refine_all(self, payloads: list) -> dict[int, dict[str, list[np.ndarray]]]:

@@ -24,6 +24,10 @@ COMMANDS = {
     "bench-refine": ("vectorised refinement vs a per-pixel Python loop", "dcam.benchmarks.bench_refine:command"),
     "bench-probe": ("batched probing vs a batch-1 loop", "dcam.benchmarks.bench_probe:command"),
     "bench": ("in-process loop vs Ray pipeline vs batch-1 loop throughput", "dcam.benchmarks.bench_pipeline:command"),
+    "bench-scale": ("capacity planning by simulation: the real job with a stand-in probe at 1/4/16 actors on a local "
+                    "multi-node Ray", "dcam.benchmarks.bench_scale:command"),
+    "bench-large": ("the job at scale with the stand-in probe (driver RSS, resume, compaction, report; not CI)",
+                    "dcam.benchmarks.bench_large:command"),
 }
 
 

@@ -28,26 +28,67 @@ class ShardIncompleteError(RuntimeError):
 
 
 def parts_of(run, entry, config_hash: str) -> list[str]:
+    """The shard's part files (one listing of _staging/parts; reconcile uses parts_by_shard)."""
     prefix = f"{entry.shard_key}.{config_hash}."
     return [p for p in run.ls(PARTS) if p.rsplit("/", 1)[-1].startswith(prefix)]
 
 
-def input_rows(run, paths: list[str]) -> set[int]:
+def parts_by_shard(listing: list[str], entries, config_hash: str) -> dict[str, list[str]]:
+    """shard_key -> its part files, for every entry, from one listing of _staging/parts, in
+    O(parts + shards): a part's name is <shard_key>.<hash>.<lo>-<hi>.parquet."""
+    keys = {e.shard_key for e in entries}
+    out: dict[str, list[str]] = {k: [] for k in keys}
+    for p in listing:
+        head, sep, _ = p.rsplit("/", 1)[-1].rpartition(f".{config_hash}.")
+        if sep and head in keys:
+            out[head].append(p)
+    return out
+
+
+# A Parquet file up to this size is fetched whole in one request (object stores: one GET instead
+# of a size request, a footer read and a column read); larger ones read their footer and columns.
+SMALL_FILE_BYTES = 8 << 20
+
+
+def read_columns(run, path: str, columns: list[str], size: int | None = None, fill_missing: bool = False) -> pa.Table:
+    """`columns` of one Parquet file of the run; `size` (from a listing) lets a small file come
+    in one request. fill_missing: a column the file lacks (written by an older dcam) comes back
+    all-null instead of raising."""
+    if size is not None and size <= SMALL_FILE_BYTES:
+        source = pa.BufferReader(run.fs.cat_file(path))
+        return _read(pq.ParquetFile(source), columns, fill_missing)
+    with run.fs.open(path, "rb") as f:
+        return _read(pq.ParquetFile(f), columns, fill_missing)
+
+
+def _read(pf: pq.ParquetFile, columns: list[str], fill_missing: bool) -> pa.Table:
+    have = set(pf.schema_arrow.names)
+    if not fill_missing or all(c in have for c in columns):
+        return pf.read(columns=columns, use_threads=False)
+    from dcam.pipeline.sinks import SCHEMA
+
+    t = pf.read(columns=[c for c in columns if c in have], use_threads=False)
+    return pa.table({c: t[c] if c in have else pa.nulls(t.num_rows, SCHEMA.field(c).type) for c in columns})
+
+
+def input_rows(run, paths: list[str], sizes: dict[str, int] | None = None) -> set[int]:
     """Distinct row_index values over result or part files (reads that one column only)."""
     seen: set[int] = set()
     for p in paths:
-        with run.fs.open(p, "rb") as f:
-            seen.update(pq.read_table(f, columns=["row_index"]).column(0).to_pylist())
+        size = (sizes or {}).get(p.rsplit("/", 1)[-1])
+        seen.update(read_columns(run, p, ["row_index"], size).column(0).to_pylist())
     return seen
 
 
-def final_input_rows(run, entry, config_hash: str) -> int | None:
+def final_input_rows(run, entry, config_hash: str, finals: dict[str, int] | None = None) -> int | None:
     """How many of the shard's input rows its final file holds (None: no final file). Rows
-    outside 0..rows-1 are not counted."""
-    path = run.path(RESULTS, final_name(entry.shard_key, config_hash))
-    if not run.fs.exists(path):
+    outside 0..rows-1 are not counted. `finals`: name -> size from one listing of results/ (no
+    existence request per shard, small files in one request)."""
+    name = final_name(entry.shard_key, config_hash)
+    path = run.path(RESULTS, name)
+    if (name not in finals) if finals is not None else not run.fs.exists(path):
         return None
-    return len(input_rows(run, [path]) & set(range(entry.rows)))
+    return len(input_rows(run, [path], finals) & set(range(entry.rows)))
 
 
 def compact(run, entry, config_hash: str, parts: list[str], fence=None) -> int:

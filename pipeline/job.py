@@ -26,6 +26,7 @@ from dcam.pipeline.layout import SUCCESS, RunDir, check_disjoint, synth_input_ur
 from dcam.pipeline.lease import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, OutputLease
 from dcam.pipeline.manifest import load_or_create_manifest, reconcile, refuse_input_inside_run
 from dcam.pipeline.run_config import check_run_config, store_run_config
+from dcam.pipeline.sinks import CPU_COLUMNS
 from dcam.pipeline.sources import list_shards
 
 # Ray Data passes every actor pool's UDF to the actor constructor by object reference and enables
@@ -107,25 +108,30 @@ def check_actor_resources(actors_cfg: dict, may_grow: bool, log) -> None:
     log(f"WARNING: {msg}; waiting for the cluster to scale up (Ray Data waits without a deadline)")
 
 
-def probe_threads(d: dict, may_grow: bool) -> int | None:
+def probe_threads(d: dict, may_grow: bool) -> int | str | None:
     """torch threads per ProbeActor. Ray pins a worker with fractional num_cpus to one OpenMP
     thread, which leaves most of a CPU-only machine idle while the probe (the only heavy stage)
     runs; `auto` gives each actor of a local cluster an equal share of this machine's cores. On an
-    existing cluster `auto` keeps Ray's setting (node sizes are unknown here): set a number."""
+    existing cluster the driver cannot know the node an actor lands on: "auto" stays, and each
+    actor sizes itself there (pipeline.node_threads.actor_node_threads, handed over in
+    build_dataset)."""
     t = d["probe"].get("threads")
     if t != "auto":
         return None if t is None else int(t)
     if may_grow:
-        return None
+        return "auto"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, int(d["actors"].get("pool_max") or 1)))
 
 
-def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
+def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str, probe_stage: tuple | None = None):
+    """The dataset graph. `probe_stage` = (callable class, constructor kwargs) replaces the
+    ProbeActor (dcam bench-scale's stand-in probe: the rest of the job is the real one)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from dcam.actors.probe_actor import ProbeActor
+    from dcam.pipeline.node_threads import actor_node_threads
 
     so = d.get("storage") or {}
     bs = int(d["probe"]["batch_size"])
@@ -133,9 +139,10 @@ def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.flat_map(stages.read_decoded_rows, fn_kwargs=dict(cfg=d), num_cpus=d["decode_num_cpus"])
     a = d["actors"]
-    ds = ds.map_batches(ProbeActor, batch_size=bs, batch_format="numpy",
-                        fn_constructor_kwargs=dict(model_cfg=d["model"], methods=d["methods"], probe_cfg=d["probe"],
-                                                   testing=d.get("testing") or {}),
+    probe_cls, probe_kwargs = probe_stage or (ProbeActor, dict(
+        model_cfg=d["model"], methods=d["methods"], probe_cfg=d["probe"], testing=d.get("testing") or {},
+        threads_resolver=actor_node_threads))
+    ds = ds.map_batches(probe_cls, batch_size=bs, batch_format="numpy", fn_constructor_kwargs=probe_kwargs,
                         compute=ActorPoolStrategy(min_size=int(a["pool_min"]), max_size=int(a["pool_max"])),
                         num_gpus=a["num_gpus"], num_cpus=a["num_cpus"])
     ds = ds.map_batches(stages.refine_score_batch, batch_size=bs, batch_format="numpy", num_cpus=d["score_num_cpus"],
@@ -145,7 +152,8 @@ def build_dataset(pending, run: RunDir, d: dict, cfg_hash: str):
                                          shard_keys={e.url: e.shard_key for e in pending}))
 
 
-def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLease) -> dict:
+def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLease,
+            probe_stage: tuple | None = None) -> dict:
     """Run the streaming execution; compact shards as they complete. Returns counts. Stops with
     LeaseLostError as soon as the output lease was found taken over."""
     import ray
@@ -160,15 +168,16 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLeas
     expected = {e.url: e.rows for e in pending}
     entries = {e.url: e for e in pending}
     seen = {u: 0 for u in expected}
-    counts = dict(inputs=0, ok=0, errors={})
+    counts = dict(inputs=0, ok=0, errors={}, cpu_s=dict.fromkeys(CPU_COLUMNS, 0.0))
     total = sum(expected.values())
     t0, last = time.perf_counter(), 0.0
     first = None  # (time, rows) when the first output batch arrived: start-up ends there
     with ThreadPoolExecutor(4) as pool:
         futures = []
-        for batch in build_dataset(pending, run, d, cfg_hash).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(pending, run, d, cfg_hash, probe_stage).iter_batches(batch_size=None, batch_format="numpy"):
             if first is None:
                 first = (time.perf_counter(), int(np.sum(batch["inputs"])))
+            add_cpu_seconds(counts["cpu_s"], batch)
             for shard, n, ok, errs in zip(batch["shard"], batch["inputs"], batch["ok"], batch["errors"]):
                 seen[shard] += int(n)
                 counts["inputs"] += int(n)
@@ -192,8 +201,17 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLeas
     if first is not None:
         steady_rows, steady_s = counts["inputs"] - first[1], end - first[0]
         counts["timing"] = dict(startup_s=first[0] - t_start, total_s=end - t_start,
-                                steady_rows_per_s=steady_rows / steady_s if steady_s > 0 and steady_rows else None)
+                                steady_rows_per_s=steady_rows / steady_s if steady_s > 0 and steady_rows else None,
+                                cpu_s_per_image={k.removesuffix("_cpu_s"): v / max(1, counts["inputs"])
+                                                 for k, v in counts["cpu_s"].items()})
     return counts
+
+
+def add_cpu_seconds(total: dict, batch: dict) -> None:
+    """Add a written batch's per-stage CPU seconds (pipeline.sinks.CPU_COLUMNS) to `total`."""
+    for k in total:
+        if k in batch:
+            total[k] += float(np.sum(batch[k]))
 
 
 def compact_shard(run: RunDir, entry, cfg_hash: str, lease: OutputLease, log) -> None:
@@ -233,9 +251,10 @@ def preflight_model(d: dict, so: dict) -> None:
               native_model_types=native_model_types(d["model"].get("backend")))
 
 
-def run_job(cfg, log=print) -> dict:
+def run_job(cfg, log=print, probe_stage: tuple | None = None) -> dict:
     """The whole audit: refuse overlapping input/output, take the output lease, (synthesise,) list,
-    reconcile, execute the pending shards, verify the accounting, _SUCCESS, summary and report."""
+    reconcile, execute the pending shards, verify the accounting, _SUCCESS, summary and report.
+    `probe_stage`: see build_dataset (benchmarks only)."""
     d = to_dict(cfg)
     h = config_hash(cfg)
     so = d.get("storage") or {}
@@ -257,25 +276,29 @@ def run_job(cfg, log=print) -> dict:
         entries = load_or_create_manifest(run, h, input_url, shards, d["source"], log)
         store_run_config(run, d, h)
         rec = reconcile(run, entries, h, log, fence=lease.fence)
+        unchanged = not rec.pending and not rec.changed  # a rerun of a finished run: results as summarised
         if rec.pending and run.exists(SUCCESS):
             run.fs.rm(run.path(SUCCESS))  # a final file failed verification: the run is not complete any more
         log(f"run {run.url} (config {h}, lease {lease.run_id}): {len(entries)} shards, {len(rec.complete)} already "
             f"complete, {len(rec.pending)} to process")
-        counts = execute(rec.pending, run, d, h, log, lease) if rec.pending else dict(inputs=0, ok=0, errors={})
-        rec = reconcile(run, entries, h, log, fence=lease.fence)
+        counts = dict(inputs=0, ok=0, errors={})
+        if rec.pending:  # else the reconciliation above already verified every final file (under the lease)
+            counts = execute(rec.pending, run, d, h, log, lease, probe_stage)
+            rec = reconcile(run, entries, h, log, fence=lease.fence)
         if rec.pending or not rec.accounting.exact:
             raise JobIncompleteError(f"{len(rec.pending)} shards still incomplete after the run "
                                      f"({rec.accounting.describe()}): {[e.url for e in rec.pending][:5]}")
-        return complete_run(run, d, h, counts, rec.accounting, lease, log)
+        return complete_run(run, d, h, counts, rec.accounting, lease, log, unchanged and not rec.changed)
 
 
-def complete_run(run: RunDir, d: dict, h: str, counts: dict, accounting, lease: OutputLease, log) -> dict:
+def complete_run(run: RunDir, d: dict, h: str, counts: dict, accounting, lease: OutputLease, log,
+                 unchanged: bool = False) -> dict:
     """Cross-check the results against the accounting, write _SUCCESS (fenced), then summary and report."""
     from dcam.pipeline.report.grounding import DEFAULT_GROUNDING_THRESHOLD
     from dcam.pipeline.report.summary import finish_run, results_summary
 
     threshold = (d.get("report") or {}).get("grounding_threshold", DEFAULT_GROUNDING_THRESHOLD)
-    s = results_summary(run, h, counts, accounting, threshold)
+    s = results_summary(run, h, counts, accounting, unchanged, threshold)
     lease.fence("writing _SUCCESS")
     run.write_text(SUCCESS, json.dumps(dict(config_hash=h, shards=len(accounting.expected), lease=lease.run_id,
                                             **{k: accounting.to_dict()[k] for k in ("expected_inputs", "present_inputs")})))

@@ -59,6 +59,16 @@ class RunDir:
     def read_text(self, rel: str) -> str:
         return self.fs.cat_file(self.path(rel)).decode()
 
+    def sizes(self, rel: str) -> dict[str, int]:
+        """Name -> size of the files directly under `rel`, from one fresh listing (a reader that
+        knows a small file's size fetches it in one request: no existence or size request first)."""
+        p = self.path(rel)
+        self.fs.invalidate_cache(p)
+        if not self.fs.exists(p):
+            return {}
+        return {i["name"].rstrip("/").rsplit("/", 1)[-1]: int(i.get("size") or 0)
+                for i in self.fs.ls(p, detail=True) if i.get("type") == "file"}
+
     def ls(self, rel: str) -> list[str]:
         """Files and folders directly under `rel` (fresh: s3fs would answer from its listing cache)."""
         p = self.path(rel)

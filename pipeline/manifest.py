@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from dcam.pipeline.compaction import compact, final_input_rows, input_rows, parts_of
+from dcam.pipeline.compaction import compact, final_input_rows, input_rows, parts_by_shard
 from dcam.pipeline.layout import (
     MANIFEST,
     OLD_PARTS,
@@ -122,6 +122,7 @@ class Reconciliation:
     complete: list[ShardEntry]
     pending: list[ShardEntry]
     accounting: Accounting
+    changed: bool = False  # a final file was written (compaction) or moved aside: results differ from before
 
 
 def reconcile(run: RunDir, entries: list[ShardEntry], config_hash: str, log=print, fence=None) -> Reconciliation:
@@ -130,28 +131,35 @@ def reconcile(run: RunDir, entries: list[ShardEntry], config_hash: str, log=prin
     migrate_old_layout(run, log)
     _remove_all(run, run.ls(TMP))  # a compaction that did not finish (this driver holds the lease)
     acct = Accounting(expected={e.url: e.rows for e in entries})
+    # One listing each of results/ and of the parts, shared by every shard: a listing per shard
+    # made a resume O(shards x parts) in time and requests (issue 17: 2,000 shards on S3).
+    finals = run.sizes(RESULTS)
+    parts_of_shard = parts_by_shard(run.ls(PARTS), entries, config_hash)
     with ThreadPoolExecutor(8) as pool:  # one column of every final file: parallel on object stores
-        present = dict(zip([e.url for e in entries], pool.map(lambda e: final_input_rows(run, e, config_hash), entries)))
-    complete, pending = [], []
+        present = dict(zip([e.url for e in entries],
+                           pool.map(lambda e: final_input_rows(run, e, config_hash, finals), entries)))
+    complete, pending, changed = [], [], False
     for e in entries:
+        parts = parts_of_shard[e.shard_key]
         if present[e.url] is not None and present[e.url] != e.rows:
             reject_final(run, e, config_hash, present[e.url], log)
+            changed = True
         elif present[e.url] is not None:
-            _remove_all(run, parts_of(run, e, config_hash))  # written again by a retried task after compaction
+            _remove_all(run, parts)  # written again by a retried task after compaction
             acct.present[e.url] = e.rows
             complete.append(e)
             continue
-        parts = parts_of(run, e, config_hash)
         if e.rows == 0 or (parts and len(input_rows(run, parts) & set(range(e.rows))) == e.rows):
             compact(run, e, config_hash, parts, fence)
             acct.present[e.url] = e.rows
             complete.append(e)
+            changed = True
         else:
             if parts:
                 log(f"shard {e.url}: partial output ({len(parts)} part files) deleted; it will be processed again")
                 _remove_all(run, parts)
             pending.append(e)
-    return Reconciliation(complete, pending, acct)
+    return Reconciliation(complete, pending, acct, changed)
 
 
 def reject_final(run: RunDir, entry: ShardEntry, config_hash: str, present: int, log) -> None:

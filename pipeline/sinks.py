@@ -13,6 +13,7 @@ hash, so a rerun overwrites instead of adding. results/ never holds anything but
 from __future__ import annotations
 
 import pickle
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,9 @@ from dcam.pipeline.layout import PARTS
 ARROW_TYPES = {"string": pa.string(), "bool": pa.bool_(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
                "binary": pa.binary(), "list<float32>": pa.list_(pa.float32())}
 SCHEMA = pa.schema([(c.name, ARROW_TYPES[c.type]) for c in COLUMNS])
+# CPU seconds per CPU stage, summed per shard of a written batch and reported to the driver
+# (pipeline.job: summary.json timing.cpu_s_per_image; dcam bench-scale sizes CPU per GPU from it).
+CPU_COLUMNS = ("decode_cpu_s", "refine_cpu_s", "write_cpu_s")
 
 
 def records_table(records: list[dict]) -> pa.Table:
@@ -71,8 +75,9 @@ class WriteStage:
         by_shard: dict[str, list[int]] = {}
         for i, shard in enumerate(batch["shard"]):
             by_shard.setdefault(str(shard), []).append(i)
-        summary = {"shard": [], "inputs": [], "ok": [], "errors": []}
+        summary = {"shard": [], "inputs": [], "ok": [], "errors": [], **{k: [] for k in CPU_COLUMNS}}
         for shard, idx in by_shard.items():
+            cpu0 = time.process_time()
             rows = [int(batch["row_index"][i]) for i in idx]
             path = f"{root}/{PARTS}/{part_name(self.shard_keys[shard], self.config_hash, min(rows), max(rows))}"
             table = records_table(_with_refine_ms(batch, idx))
@@ -83,7 +88,11 @@ class WriteStage:
             summary["inputs"].append(len(idx))
             summary["ok"].append(len(idx) - len(errors))
             summary["errors"].append(",".join(errors))
-        return {k: np.array(v, dtype=object if k in ("shard", "errors") else np.int64) for k, v in summary.items()}
+            summary["write_cpu_s"].append(time.process_time() - cpu0)
+            for k in ("decode_cpu_s", "refine_cpu_s"):  # earlier stages' CPU, carried per row
+                summary[k].append(float(np.nansum(np.asarray(batch[k], dtype=np.float64)[idx])) if k in batch else 0.0)
+        return {k: np.array(v, dtype=object if k in ("shard", "errors") else np.float64 if k in CPU_COLUMNS
+                            else np.int64) for k, v in summary.items()}
 
 
 def _with_refine_ms(batch, idx: list[int]) -> list[dict]:

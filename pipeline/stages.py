@@ -10,6 +10,7 @@ The GPU stage (actors.probe_actor.ProbeActor) holds a model replica and runs in 
 from __future__ import annotations
 
 import json
+import time
 
 from dcam.actors.score_stage import RefineScoreStage
 from dcam.pipeline.decode import DecodeStage
@@ -47,10 +48,16 @@ def read_rows(item: dict, storage_options: dict, source: dict):
 
 def read_decoded_rows(item: dict, cfg: dict):
     """One shard -> its decoded rows (read and decode fused in one CPU task: one worker import,
-    no intermediate block of encoded images)."""
+    no intermediate block of encoded images). Each row carries `decode_cpu_s`: this process's CPU
+    seconds spent reading and decoding it (time.process_time; the time Ray spends with the yielded
+    row is not counted). The write stage sums it per shard for the driver (CPU per stage)."""
     stage = stage_instance(DecodeStage, cfg=cfg)
+    mark = time.process_time()
     for raw in read_rows(item, cfg.get("storage") or {}, cfg["source"]):
-        yield stage.decode_one(raw)
+        row = stage.decode_one(raw)
+        row["decode_cpu_s"] = time.process_time() - mark
+        yield row
+        mark = time.process_time()
 
 
 def refine_score_batch(batch, methods: dict, sink_cfg: dict, cfg_hash: str):

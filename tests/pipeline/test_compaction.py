@@ -127,3 +127,41 @@ def test_run_of_the_previous_layout_resumes(run):
     assert [e.url for e in rec.complete] == [a.url] and [e.url for e in rec.pending] == [b.url]
     assert [p.rsplit("/", 1)[-1] for p in run.ls("results")] == [final_name(a.shard_key, H)]
     assert sorted(set(_final_rows(run, a))) == list(range(4)) and run.ls("_staging/parts") == []
+
+
+def test_reconcile_lists_each_folder_once_whatever_the_number_of_shards(run, monkeypatch):
+    # Regression (issue 17): reconcile listed _staging/parts once per shard and asked whether each
+    # final file exists: a resumed 2,000-shard run on S3 made ~6,000 requests before doing anything.
+    entries = [_entry(k, 3) for k in range(12)]
+    for e in entries[:8]:  # complete: final files
+        _part(run, e, 0, 2)
+        compact(run, e, H, parts_of(run, e, H))
+    for e in entries[8:10]:  # complete but not compacted: all rows in parts
+        _part(run, e, 0, 1)
+        _part(run, e, 2, 2)
+    _part(run, entries[10], 0, 1)  # partial: deleted, pending
+    _part(run, entries[0], 0, 2)  # a retried task's part after compaction: deleted
+    listed, exists = [], []
+    ls, sizes, fs_exists = RunDir.ls, RunDir.sizes, run.fs.exists
+    monkeypatch.setattr(RunDir, "ls", lambda self, rel: listed.append(rel) or ls(self, rel))
+    monkeypatch.setattr(RunDir, "sizes", lambda self, rel: listed.append(rel) or sizes(self, rel))
+    monkeypatch.setattr(run.fs, "exists", lambda p, **kw: exists.append(p) or fs_exists(p, **kw))
+    rec = reconcile(run, entries, H, log=lambda m: None)
+    # per reconcile, not per shard: parts once, results/ twice (the old-layout check has its own)
+    assert listed.count("_staging/parts") == 1 and listed.count("results") == 2
+    assert [e.shard_key for e in rec.pending] == [entries[10].shard_key, entries[11].shard_key]
+    assert rec.changed  # two shards compacted here
+    assert len(rec.complete) == 10 and sum(rec.accounting.present.values()) == 30
+    assert not run.ls("_staging/parts")
+    assert sorted(set(_final_rows(run, entries[9]))) == [0, 1, 2]
+    finals_checked = [p for p in exists if p.rsplit("/", 1)[-1].startswith("shard-") and "/results/" in p]
+    assert len(finals_checked) <= 2  # only for the two shards compacted here (compact checks its own final)
+
+
+def test_a_finished_run_reconciles_unchanged(run):
+    entries = [_entry(k, 3) for k in range(3)]
+    for e in entries:
+        _part(run, e, 0, 2)
+        compact(run, e, H, parts_of(run, e, H))
+    rec = reconcile(run, entries, H, log=lambda m: None)
+    assert not rec.pending and not rec.changed and len(rec.complete) == 3

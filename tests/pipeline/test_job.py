@@ -21,6 +21,8 @@ def test_local_run_accounts_for_every_row_and_reads_without_ray(ray_local, tmp_p
     write_corpus(str(tmp_path / "in"), 20, 1100, 8, scenes.SceneConfig())
     s = _run([f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}", f"model.source={random_ckpt}", *FAST])
     assert s["inputs"] == 20 and s["ok"] == 20 and s["errors"] == {}
+    cpu = s["timing"]["cpu_s_per_image"]  # CPU per stage, measured inside the stages (dcam bench-scale reads it)
+    assert set(cpu) == {"decode", "refine", "write"} and all(0 < v < 5 for v in cpu.values())
     assert (tmp_path / "out" / "_SUCCESS").exists() and not list((tmp_path / "out" / "_staging" / "parts").glob("*"))
     assert {p.name for p in (tmp_path / "out" / "results").iterdir()} == {p.name for p in (tmp_path / "out" / "results").glob("*.parquet")}
     finals = sorted(p.name for p in (tmp_path / "out" / "results").glob("*.parquet"))
