@@ -181,7 +181,8 @@ def test_drift_of_grounding(run, tmp_path):
 
 
 def test_run_summary_table_has_grounding():
-    t = pa.table(dict(status=["ok"] * 4 + ["error"], method=["m"] * 4 + [None], refine=["none"] * 4 + [None],
+    t = pa.table(dict(shard=["s"] * 5, row_index=[0, 0, 1, 1, 2], error_kind=[None] * 4 + ["image"],
+                      status=["ok"] * 4 + ["error"], method=["m"] * 4 + [None], refine=["none"] * 4 + [None],
                       word_type=["colour", "function", "shape", None, None],
                       image_reliance=[0.5, 0.9, 0.01, 0.3, None],
                       **{k: [None] * 5 for k in __import__("dcam.actors.schema", fromlist=["x"]).TABLE_SCORES}))
