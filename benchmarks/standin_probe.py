@@ -89,8 +89,10 @@ class StandInProbe:
         ids = [token_id_of(w) for w in words]
         maps = [dict(sample=0, position=k, token_id=ids[k], token=w, step=None,
                      raw_map=stand_in_map(sid, k, self.grid), target_prob=0.5, deletion_auc=0.3, insertion_auc=0.6,
-                     word_type="content", category=None) for k, w in enumerate(words)]
-        return dict(prompt=str(batch["prompt"][i]), response=" ".join(words), response_ids=ids, eos_id=EOS_ID,
+                     faithfulness_sampled=True, state=STAND_IN_METHOD_META["state"], blind_prob=0.1,
+                     image_reliance=0.4, word_type="content", category=None) for k, w in enumerate(words)]
+        return dict(prompt=str(batch["prompt"][i]), response=" ".join(words), response_ids=ids,
+                    canvas_ids=[*ids, EOS_ID], response_tokens=list(words), eos_id=EOS_ID,
                     response_source="stand_in", maps={name: maps for name in self.method_names},
                     methods={name: dict(STAND_IN_METHOD_META) for name in self.method_names})
 

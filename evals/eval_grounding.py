@@ -17,6 +17,8 @@ selection seed only: the value that best separates function from content words (
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from dcam.actors.probe.grounding import blind_probs, image_reliance
 from dcam.actors.probe.targets import ProbeConfig, build_targets, obtain_response, select_positions
 from dcam.evals.eval_cam import _untrained_backend
 from dcam.pipeline.config import load_config, to_dict
+from dcam.pipeline.config_schema import key
 from dcam.pipeline.console import emit, format_table, log
 
 CONTENT, FUNCTION = ("colour", "shape"), ("function",)
@@ -175,9 +178,21 @@ def format_report(r: dict) -> str:
     return f"{head}\n{table}\ncontent vs function words, image_reliance:\n  {aurocs}"
 
 
+@dataclass
+class EvalGroundingConfig:
+    """conf/eval_grounding.yaml."""
+    n: int = key(ge=1, doc="evaluation scenes")
+    seed: int = key(doc="evaluation scenes' seed (run once, after the threshold was chosen)")
+    selection_seed: int = key(doc="the threshold is chosen on these scenes only")
+    model: Any = key(doc="tiny (the shipped organism)")
+    batch_size: int = key(ge=1)
+    resamples: int = key(ge=1, doc="bootstrap resamples of the 95% intervals")
+    untrained_seed: int = key()
+
+
 def command(args) -> int:
     """`dcam eval-grounding [--json] [k=v ...]`."""
-    cfg = to_dict(load_config("eval_grounding", args.overrides))
+    cfg = to_dict(load_config("eval_grounding", args.overrides, schema=EvalGroundingConfig))
     r = run_eval_grounding(cfg, progress=log)
     emit(r, args.json, format_report(r))
     return 0

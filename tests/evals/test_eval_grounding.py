@@ -35,3 +35,18 @@ def test_organism_separates_function_from_content_words_and_controls_remove_it()
             assert c[control]["by_type"][t]["image_reliance"] < 0.1, (control, t)
     assert abs(c["untrained"]["separation"]) < 0.05
     assert 0.0 < r["threshold"] < 0.8
+
+
+def test_command_config_is_validated_before_anything_runs():
+    """The CLI path loads conf/eval_grounding.yaml through its schema (it had none: the command
+    raised TypeError before running)."""
+    from dcam.evals.eval_grounding import EvalGroundingConfig
+    from dcam.pipeline.config import load_config
+    from dcam.pipeline.config_check import ConfigError
+
+    cfg = load_config("eval_grounding", ["n=4"], schema=EvalGroundingConfig)
+    assert cfg.n == 4 and cfg.selection_seed == 4200
+    with pytest.raises(ConfigError, match="n = 0"):
+        load_config("eval_grounding", ["n=0"], schema=EvalGroundingConfig)
+    with pytest.raises(ConfigError, match="selection_sed"):
+        load_config("eval_grounding", ["selection_sed=1"], schema=EvalGroundingConfig)

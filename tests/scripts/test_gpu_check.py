@@ -21,7 +21,7 @@ except SystemExit as e:
 print("IMPORTED " + json.dumps({m: m in sys.modules for m in ("ray", "pyarrow", "omegaconf")}), file=sys.stderr)
 sys.exit(code)
 """
-PHASES = {"response", "attribution", "faithfulness"}
+PHASES = {"response", "attribution", "faithfulness", "faithfulness_refine", "grounding"}
 
 
 def test_tiny_cpu_gpu_check_prints_the_documented_json():
