@@ -33,8 +33,9 @@ COMMANDS = {
 
 # `dcam run --help`: the keys most runs set (every key, with comments: conf/run.yaml).
 MAIN_RUN_KEYS = ("input", "output", "format", "model", "model.source", "probe.batch_size", "probe.rows_per_pass",
-                 "probe.faithfulness_steps", "probe.targets", "methods.diffusion_cam.preset", "actors.num_gpus",
-                 "actors.pool_max", "storage.endpoint_url", "report.fail_under", "report.max_error_rate", "ray.address")
+                 "probe.faithfulness_steps", "probe.faithfulness_sample", "probe.targets", "methods.diffusion_cam.preset", "actors.num_gpus",
+                 "actors.pool_max", "storage.endpoint_url", "report.fail_under", "report.max_error_rate",
+                 "report.grounding_threshold", "ray.address")
 EXIT_CODES = ("exit codes: 0 success; 1 the job failed (a retry may help); 2 a gate failed (report.fail_under, "
               "report.max_error_rate) or the command was refused (invalid config, missing input, output holding "
               "another run); 130 interrupted (rerun to resume)")
