@@ -10,7 +10,7 @@ DiffusionGemma), tokenizers and safetensors (transformers' own dependencies), nu
 Run it from a dcam checkout (it imports dcam from the folder above this script) or with dcam
 installed.
 
-For every backend in BACKENDS (DiffusionGemma, LaViDa, LLaDA-V; a new backend is one entry: a
+For every backend in BACKENDS (DiffusionGemma, LaViDa, LLaDA-V, MMaDA; a new backend is one entry: a
 builder returning a dcam backend with random weights) it builds a random-weight model at a
 realistic width with a few layers, then measures the default Diffusion-CAM probe on given
 responses (so every model explains the same words):
@@ -174,10 +174,50 @@ def build_llada_family(kind: str, tiny: bool, device: str, seed: int):
                     vocab=config["vocab_size"])
 
 
+MMADA_TASK_IDS = {"<|soi|>": 126084, "<|eoi|>": 126085, "<|mmu|>": 126089}  # MMaDA's reserved task tokens
+TINY_MMADA_TASK_IDS = {"<|soi|>": 262, "<|eoi|>": 263, "<|mmu|>": 264}
+
+
+def build_mmada(tiny: bool, device: str, seed: int):
+    """MMaDA: the LLaDA backbone at LLaDA-8B's width with 4 layers (or tiny) over MAGVIT-v2 codes
+    (the released encoder's architecture, 512 px -> 32 x 32 codes; tiny: 128 px -> 8 x 8). The
+    tokenizer holds LLaDA's special and MMaDA's task tokens (not the 126k-entry vocabulary), so
+    image code c is token len(tokenizer) + c, as the reference computes it."""
+    from dcam.actors.models import magvit2, mmada
+    from dcam.actors.models.llada_checkpoint import build_empty
+    from dcam.actors.models.llada_lm import LladaLM, LladaLMConfig
+
+    text_ids, task = (TINY_SPECIAL_IDS, TINY_MMADA_TASK_IDS) if tiny else (LLADA_SPECIAL_IDS, MMADA_TASK_IDS)
+    tok = llada_tokenizer({**text_ids, **task})
+    d, layers, heads, mlp = (64, 2, 4, 128) if tiny else (4096, 4, 32, 12288)
+    vocab = len(tok) + 8192 if tiny else 134656
+    config = dict(d_model=d, n_heads=heads, n_kv_heads=heads, n_layers=layers, mlp_hidden_size=mlp, vocab_size=vocab,
+                  embedding_size=vocab, block_type="llama", activation_type="silu", layer_norm_type="rms",
+                  rms_norm_eps=1e-5, rope=True, rope_theta=500000.0, weight_tying=False, include_bias=False,
+                  max_sequence_length=4096, mask_token_id=text_ids["<|mdm_mask|>"])
+    lm = build_empty(lambda c, _tower, dt: LladaLM(LladaLMConfig.from_olmo(c), dt), config, None, torch.float32)
+    vq_cfg = magvit2.Magvit2Config(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=(1,) * 4) if tiny \
+        else magvit2.Magvit2Config()
+    model = mmada.MmadaModel(seeded_init(lm, seed), seeded_init(magvit2.Magvit2Encoder(vq_cfg), seed + 1))
+    be = mmada.MmadaBackend(model, tok, model_id="mmada-random", device=device, response_len=16 if tiny else 64,
+                            gen_steps=16 if tiny else 64, block_length=None, resolution=64 if tiny else 512,
+                            task_ids={k.strip("<|>"): v for k, v in task.items()})
+    return be, dict(text_hidden=d, text_layers=layers, vq_ch=vq_cfg.ch, vq_levels=len(vq_cfg.ch_mult), vocab=vocab)
+
+
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in the timed dtype; MMaDA's MAGVIT-v2 encoder stays float32, as dcam loads it."""
+    if hasattr(model, "vq") and hasattr(model, "lm"):
+        model.lm.to(dtype)
+        return model
+    return model.to(dtype)
+
+
 BACKENDS = {
     "diffusion_gemma": build_diffusion_gemma,
     "lavida": lambda tiny, device, seed: build_llada_family("lavida", tiny, device, seed),
     "llada_v": lambda tiny, device, seed: build_llada_family("llada_v", tiny, device, seed),
+    "mmada": build_mmada,
 }
 
 
@@ -251,7 +291,7 @@ def check_backend(name: str, args) -> dict:
     agree_images = images_for(args.agree_n, args.tiny, seed=1)
     _, res32 = probe_rate(be32, agree_images, methods, args.batch_size, args.device)
     be = copy.copy(be32)  # same backend settings; the model converted in place to the timed dtype
-    be.model = be32.model.to(args.dtype)
+    be.model = to_dtype(be32.model, args.dtype)
     del be32
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()

@@ -34,7 +34,7 @@ def test_tiny_cpu_gpu_check_prints_the_documented_json():
     assert {"device", "device_name", "torch", "transformers", "tiny", "n_images", "batch_size", "dtype", "backends",
             "errors"} <= set(out)
     assert out["errors"] == {} and out["tiny"] is True and out["device"] == "cpu"
-    assert set(out["backends"]) == {"diffusion_gemma", "lavida", "llada_v"}
+    assert set(out["backends"]) == {"diffusion_gemma", "lavida", "llada_v", "mmada"}
     for name, b in out["backends"].items():
         assert {"config", "params_m", "build_s", "batched", "batch1", "batched_over_batch1", "bf16_vs_fp32",
                 "peak_gpu_mem_gb"} <= set(b), name
