@@ -48,6 +48,17 @@ class DriverInterrupted(RuntimeError):
     """Raised by the test-only `testing.stop_after_rows` switch to simulate losing the driver."""
 
 
+def hold_for_a_kill(futures, hold_after, log) -> None:
+    """Test-only (`testing.hold_after_compactions=N`): once N shards are compacted, wait for their
+    final files, then block so a test can kill the driver mid-run at a known point (the N final
+    files written, every other shard uncompacted, no _SUCCESS) however fast the pipeline is."""
+    for f in futures:
+        f.result()
+    log(f"testing.hold_after_compactions={hold_after}: {len(futures)} final files written; holding until killed")
+    while True:
+        time.sleep(60)
+
+
 # -- driver --------------------------------------------------------------------------------------
 class ClusterResourceError(RuntimeError):
     """No node of a cluster that cannot grow can ever host one ProbeActor: the job would hang."""
@@ -174,6 +185,8 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLeas
     first = None  # (time, rows) when the first output batch arrived: start-up ends there
     with ThreadPoolExecutor(4) as pool:
         futures = []
+        testing = d.get("testing") or {}
+        hold_after = testing.get("hold_after_compactions")
         for batch in build_dataset(pending, run, d, cfg_hash, probe_stage).iter_batches(batch_size=None, batch_format="numpy"):
             if first is None:
                 first = (time.perf_counter(), int(np.sum(batch["inputs"])))
@@ -185,11 +198,15 @@ def execute(pending, run: RunDir, d: dict, cfg_hash: str, log, lease: OutputLeas
                 for k in filter(None, str(errs).split(",")):
                     counts["errors"][k] = counts["errors"].get(k, 0) + 1
                 if seen[shard] >= expected[shard]:  # every row written: compact now
+                    if hold_after is not None and len(futures) >= int(hold_after):
+                        continue  # test-only: leave this shard's parts uncompacted, hold below
                     futures.append(pool.submit(compact_shard, run, entries[shard], cfg_hash, lease, log))
             lease.check()
-            stop_after = (d.get("testing") or {}).get("stop_after_rows")
+            stop_after = testing.get("stop_after_rows")
             if stop_after is not None and counts["inputs"] >= int(stop_after):
                 raise DriverInterrupted(f"testing.stop_after_rows={stop_after}: simulated driver loss")
+            if hold_after is not None and len(futures) >= int(hold_after):
+                hold_for_a_kill(futures, hold_after, log)
             now = time.perf_counter() - t0
             if now - last > 10 or counts["inputs"] == total:
                 last = now
