@@ -156,20 +156,6 @@ class LavidaBackend(LladaFamilyBackend):
         self.last_trace = trace
         return Generation(ids=x, commit_step=commit, n_steps=s, source="generated" if forced is None else "given")
 
-    def _propose(self, logits, masked, forced, gens, block_end: int):
-        """(proposal ids, confidence) of one pass: -inf confidence where not masked or past the block."""
-        if forced is not None:
-            pred = forced
-        elif gens is not None:  # Gumbel-max in float64: exp(z) / (-log u)^T, u per sample
-            u = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64, device=self.device)
-                             for g in gens])
-            pred = (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
-        else:
-            pred = logits.argmax(-1)
-        conf = torch.softmax(logits.double(), dim=-1).gather(-1, pred[..., None])[..., 0]
-        conf[:, block_end:] = float("-inf")
-        return pred, torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, model_cfg: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LavidaBackend:

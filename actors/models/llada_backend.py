@@ -46,6 +46,7 @@ from dcam.actors.models.protocol import (
     SampleError,
     StructuralStateError,
 )
+from dcam.actors.models.remasking import propose
 
 PARTS = ("in", "out", "ln1", "attn", "ln2", "mlp")
 _PART_MODULE = {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"}
@@ -112,7 +113,9 @@ class LladaFamilyBackend(Backend):
         return ImageSpan("lm", start + block.grid_offset(), block.grid_rows, block.grid_cols,
                          row_stride=block.grid_cols + 1)
 
-    def prepare(self, images, prompts, responses=None):
+    def _encode_all(self, images, prompts, responses=None) -> tuple[dict, list[int], list[dict]]:
+        """(errors by input index, kept input indices, their encodings): `_encode_one` per sample, a
+        sample that cannot be encoded becomes an error, never the batch's."""
         responses = responses if responses is not None else [None] * len(images)
         errors, keep, enc = {}, [], []
         for i, (image, prompt, response) in enumerate(zip(images, prompts, responses)):
@@ -121,6 +124,17 @@ class LladaFamilyBackend(Backend):
                 keep.append(i)
             except SampleError as e:
                 errors[i] = e
+        return errors, keep, enc
+
+    def _propose(self, logits, masked, forced, gens, block_end: int):
+        """(proposal ids, confidence) of one pass (remasking.propose): -inf confidence where not masked
+        or past the current block."""
+        pred, conf = propose(logits, masked, forced, gens, self.temperature, self.device)
+        conf[:, block_end:] = float("-inf")
+        return pred, conf
+
+    def prepare(self, images, prompts, responses=None):
+        errors, keep, enc = self._encode_all(images, prompts, responses)
         parts = [self._splice(e["ids"], e["block"]) for e in enc]
         T = max((p.shape[0] for p, _ in parts), default=1)
         D = self.model.lm.config.hidden_size

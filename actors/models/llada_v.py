@@ -37,7 +37,7 @@ from dcam.actors.models.llada_backend import LladaFamilyBackend
 from dcam.actors.models.llada_lm import LLAMA_RULES, LladaLMConfig, padding_mask, positions
 from dcam.actors.models.llada_mm import ImageLayout
 from dcam.actors.models.protocol import Generation
-from dcam.actors.models.remasking import top_k_lowest_first
+from dcam.actors.models.remasking import propose, top_k_lowest_first
 from dcam.actors.models.siglip_tower import VISION_RULES
 
 MODEL_TYPES = ("llava_llada",)  # LLaDA-V's config.json model_type (its auto_map code is never executed)
@@ -139,18 +139,9 @@ class LladaVBackend(LladaFamilyBackend):
         not masked or at/after `limit` (the block end, or the stop position once found)."""
         for tid in self.suppressed:
             logits[..., tid] = torch.where(masked, torch.full_like(logits[..., tid], float("-inf")), logits[..., tid])
-        if forced is not None:
-            pred = forced
-        elif gens is not None:  # Gumbel-max in float64 over the canvas, one (L, V) draw per sample and pass
-            u = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64, device=self.device)
-                             for g in gens])
-            pred = (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
-        else:
-            pred = logits.argmax(-1)
-        conf = torch.softmax(logits.double(), dim=-1).gather(-1, pred[..., None])[..., 0]
+        pred, conf = propose(logits, masked, forced, gens, self.temperature, self.device)
         beyond = torch.arange(conf.shape[1], device=conf.device)[None] >= limit[:, None]
-        conf = conf.masked_fill(beyond, float("-inf"))
-        return pred, torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+        return pred, conf.masked_fill(beyond, float("-inf"))
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod

@@ -128,14 +128,7 @@ class MmadaBackend(LladaFamilyBackend):
         return dict(ids=ids, given=given, size=tuple(np.asarray(image).shape[:2]))
 
     def prepare(self, images, prompts, responses=None):
-        responses = responses if responses is not None else [None] * len(images)
-        errors, keep, enc = {}, [], []
-        for i, (image, prompt, response) in enumerate(zip(images, prompts, responses)):
-            try:
-                enc.append(self._encode_one(image, prompt, response))
-                keep.append(i)
-            except SampleError as e:
-                errors[i] = e
+        errors, keep, enc = self._encode_all(images, prompts, responses)
         T = max((len(e["ids"]) for e in enc), default=1)
         ids = torch.full((len(enc), T), self.ids["eos"], dtype=torch.long, device=self.device)
         valid = torch.zeros((len(enc), T), dtype=torch.bool, device=self.device)
@@ -201,20 +194,6 @@ class MmadaBackend(LladaFamilyBackend):
         x = torch.cat([inp["prefix_embeds"], lm.embed(canvas)], dim=1)
         h = lm.run_layers(x, self._attention_mask(valid, L), lm.rope(x, positions(valid, L)))
         return lm.logits(h[:, -L:]).float()
-
-    def _propose(self, logits, masked, forced, gens, block_end: int):
-        """(proposal ids, confidence): -inf confidence where not masked or past the current block."""
-        if forced is not None:
-            pred = forced
-        elif gens is not None:  # Gumbel-max in float64: exp(z) / (-log u)^T, u per sample over the canvas
-            u = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64, device=self.device)
-                             for g in gens])
-            pred = (logits.double().exp() / (-torch.log(u)) ** self.temperature).argmax(-1)
-        else:
-            pred = logits.argmax(-1)
-        conf = torch.softmax(logits.double(), dim=-1).gather(-1, pred[..., None])[..., 0]
-        conf[:, block_end:] = float("-inf")
-        return pred, torch.where(masked, conf, torch.full_like(conf, float("-inf")))
 
     # -- tokens -----------------------------------------------------------------------------
     def token_str(self, token_id):

@@ -31,3 +31,20 @@ def top_k_lowest_first(confidence: torch.Tensor, k: torch.Tensor | int) -> torch
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(L, device=confidence.device).expand(B, L))
     return (rank < k[:, None]) & (confidence > float("-inf"))
+
+
+def propose(logits: torch.Tensor, masked: torch.Tensor, forced: torch.Tensor | None, gens, temperature: float,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One low-confidence-remasking pass of the LLaDA family: (proposal ids, confidence), confidence
+    -inf where not masked. Proposals: the forced canvas, else Gumbel-max in float64 when seeded
+    generators are given (exp(z) / (-log u)^T, one (L, V) draw per sample), else the argmax;
+    confidence = softmax probability of the proposal, in float64."""
+    if forced is not None:
+        pred = forced
+    elif gens is not None:
+        u = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=torch.float64, device=device) for g in gens])
+        pred = (logits.double().exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    else:
+        pred = logits.argmax(-1)
+    conf = torch.softmax(logits.double(), dim=-1).gather(-1, pred[..., None])[..., 0]
+    return pred, torch.where(masked, conf, torch.full_like(conf, float("-inf")))
