@@ -21,7 +21,7 @@ import torch
 
 from dcam.actors.methods import NO_REFINEMENT
 from dcam.actors.models.protocol import Backend, SampleError
-from dcam.actors.probe.faithfulness import faithfulness, in_faithfulness_sample
+from dcam.actors.probe.faithfulness import curve_auc, faithfulness_curves, in_faithfulness_sample
 from dcam.actors.probe.grid import TokenMap
 from dcam.actors.probe.grounding import add_blind_probs
 from dcam.actors.probe.targets import (
@@ -149,10 +149,12 @@ def _add_faithfulness(backend, batch, gen, targets: list[Target], maps: list[Tok
         fine = refine_explained(np.stack([maps[k].raw_map for k in idx]), refine, canvases, lengths)
         if timings is not None:
             timings["faithfulness_refine"] = timings.get("faithfulness_refine", 0.0) + time.perf_counter() - t0
-        dele, ins = faithfulness(
+        dele, ins = faithfulness_curves(
             backend, batch, torch.tensor([t.sample for t in sel], device=backend.device),
             torch.stack([t.canvas for t in sel]).to(backend.device),
             torch.tensor([t.position for t in sel]), torch.tensor([t.token_id for t in sel]),
             fine, cfg.faithfulness_steps)
-        for j, k in enumerate(idx):
-            maps[k].deletion_auc, maps[k].insertion_auc = float(dele[j]), float(ins[j])
+        dele_auc, ins_auc = curve_auc(dele), curve_auc(ins)
+        for j, k in enumerate(idx):  # the insertion curve starts fully blanked: that is the blind_prob
+            maps[k].deletion_auc, maps[k].insertion_auc = float(dele_auc[j]), float(ins_auc[j])
+            maps[k].blind_prob = float(ins[j, 0])

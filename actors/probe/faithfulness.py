@@ -71,7 +71,17 @@ def split_curves(probs: np.ndarray, k_steps: int) -> tuple[np.ndarray, np.ndarra
 def faithfulness(backend: Backend, batch: PreparedBatch, rows: torch.Tensor, canvas: torch.Tensor,
                  positions: torch.Tensor, token_ids: torch.Tensor, maps: np.ndarray, k_steps: int,
                  rows_per_pass: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(deletion_auc, insertion_auc), each (N,). Needs one grid size for all rows.
+    """(deletion_auc, insertion_auc), each (N,): the AUCs of `faithfulness_curves`."""
+    dele, ins = faithfulness_curves(backend, batch, rows, canvas, positions, token_ids, maps, k_steps, rows_per_pass)
+    return curve_auc(dele), curve_auc(ins)
+
+
+def faithfulness_curves(backend: Backend, batch: PreparedBatch, rows: torch.Tensor, canvas: torch.Tensor,
+                        positions: torch.Tensor, token_ids: torch.Tensor, maps: np.ndarray, k_steps: int,
+                        rows_per_pass: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(deletion, insertion) curves, each (N, K+1) probabilities. Needs one grid size for all rows.
+    insertion[:, 0] (= deletion[:, K]) is the token's probability with every image token blanked:
+    the row's blind_prob (grounding.py), so the probe reuses it for the words it measures.
 
     2K forward rows per map (see curve_rows), `rows_per_pass` per forward: beyond ~128 rows of
     the tiny model the activations leave the cache and a row costs more, not less."""
@@ -86,5 +96,4 @@ def faithfulness(backend: Backend, batch: PreparedBatch, rows: torch.Tensor, can
             out = backend.attribution_forward(batch, r[sl], c[sl], [], image_keep=keep[sl].to(backend.device))
             z = out.logits[torch.arange(len(r[sl]), device=out.logits.device), p[sl].to(out.logits.device)]
             probs.append(z.float().softmax(-1).gather(1, y[sl, None].to(z.device))[:, 0].cpu())
-    dele, ins = split_curves(torch.cat(probs).view(n, per).numpy(), k_steps)
-    return curve_auc(dele), curve_auc(ins)
+    return split_curves(torch.cat(probs).view(n, per).numpy(), k_steps)

@@ -65,8 +65,14 @@ def _blind_chunk(backend: Backend, batch: PreparedBatch, chunk: list[Target]) ->
 
 def add_blind_probs(backend: Backend, batch: PreparedBatch, targets: list[Target], maps: list, rows_per_pass: int) -> None:
     """Sets `blind_prob` and `image_reliance` on each target's map (maps[k] explains targets[k]):
-    one no-grad forward row per attribution row, batched across the probe batch."""
-    blind = blind_probs(backend, batch, targets, rows_per_pass)
+    one no-grad forward row per attribution row, batched across the probe batch, for the maps whose
+    blind_prob the faithfulness curves did not already give (the start of their insertion curve)."""
+    missing = [k for k, m in enumerate(maps) if np.isnan(m.blind_prob)]
+    if missing:
+        measured = blind_probs(backend, batch, [targets[k] for k in missing], rows_per_pass)
+        for k, b in zip(missing, measured):
+            maps[k].blind_prob = float(b)
+    blind = [m.blind_prob for m in maps]
     reliance = image_reliance([m.target_prob for m in maps], blind)
     for m, b, r in zip(maps, blind, reliance):
         m.blind_prob, m.image_reliance = float(b), float(r)
